@@ -1,0 +1,147 @@
+"""Command line of the collector process (``rlmon collector`` and ``python -m collector``).
+
+Also the offline replay used by ``rlmon report DIR``: the event log fed through a fresh
+:class:`~collector.state.CollectorState`, then the same report writers as a live run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from rlmon.errors import ConfigError
+
+if TYPE_CHECKING:  # the heavy imports (numpy, numba, prometheus-client) wait until needed
+    from collector.service import CollectorService
+    from collector.state import CollectorState
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The collector's flags, shared by ``rlmon collector`` and ``rlmon launch``."""
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:*",
+                        help="ZeroMQ address to bind (default: a free loopback TCP port)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus endpoint address")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="Prometheus endpoint port (0: a free one, -1: off)")
+    parser.add_argument("--run-id", default="", help="run id (default: a fresh one)")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="ranks expected (ranks also announce it themselves)")
+    parser.add_argument("--kl-threshold", type=float, default=0.1,
+                        help="KL warning threshold; twice it is critical and stops the run")
+    parser.add_argument("--capacity", type=int, default=10_000, help="points kept per series")
+    parser.add_argument("--max-series", type=int, default=4_096, help="most (metric, rank) series")
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags only the collector process itself takes."""
+    parser.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help="print nothing but warnings")
+
+
+def collector_args(args: argparse.Namespace) -> list[str]:
+    """The flags of ``args`` as a command line for a collector child process."""
+    return ["--out", str(args.out), "--endpoint", args.endpoint, "--metrics-host", args.metrics_host,
+            "--metrics-port", str(args.metrics_port), "--world-size", str(args.world_size),
+            "--kl-threshold", str(args.kl_threshold), "--capacity", str(args.capacity),
+            "--max-series", str(args.max_series)]
+
+
+def build_service(args: argparse.Namespace) -> CollectorService:
+    """A configured, not yet started, collector from parsed flags."""
+    from collector.service import CollectorService, ServiceConfig, new_control_key
+    from collector.state import StateConfig
+
+    state = StateConfig(run_id=args.run_id or uuid.uuid4().hex[:12], world_size=args.world_size,
+                        capacity=args.capacity, max_series=args.max_series,
+                        kl_threshold=args.kl_threshold, control_key=new_control_key())
+    return CollectorService(ServiceConfig(
+        out_dir=args.out, endpoint=args.endpoint, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port, parent_pid=getattr(args, "parent_pid", 0), state=state))
+
+
+def run_collector(args: argparse.Namespace) -> int:
+    """Run a collector until SIGTERM/SIGINT, then write the reports. Returns an exit code."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="rlmon collector: %(message)s")
+    _check_positive(args)
+    service = build_service(args)
+    service.install_signal_handlers()
+    service.start()
+    if not args.quiet:
+        print(json.dumps({"endpoint": service.endpoint, "metrics_url": service.metrics_url,
+                          "out": str(args.out)}), flush=True)
+    try:
+        service.run()
+    finally:
+        written = service.finalize()
+    if not args.quiet:
+        print(f"rlmon collector: wrote {', '.join(p.name for p in written)} in {args.out}", flush=True)
+    return 0
+
+
+def replay(out_dir: Path, kl_threshold: float = 0.1) -> CollectorState:
+    """Rebuild a run's state from its event log (offline; the run may be finished or killed)."""
+    from collector.eventlog import FILE_NAME, ReadResult, read_records
+    from collector.state import CollectorState, StateConfig
+    from rlmon import wire
+    from rlmon.errors import FrameRejected
+
+    path = Path(out_dir) / FILE_NAME
+    if not path.exists():
+        raise ConfigError("DIR", f"no event log at {path}")
+    info = _read_collector_json(out_dir)
+    state = CollectorState(StateConfig(run_id=info.get("run_id", "replay"), kl_threshold=kl_threshold))
+    results: list[ReadResult] = []
+    for payload in read_records(path, results):
+        try:
+            message = wire.decode(payload)
+        except FrameRejected as exc:
+            state.reject(exc.reason)
+            continue
+        state.handle(message, None, _message_time(message))
+    state.finish(time.time())
+    if results and results[0].skipped_bytes:
+        state.rejected_by_reason["torn_tail"] += 1
+    return state
+
+
+def _message_time(message) -> float:
+    value = message.fields.get("t")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else time.time()
+
+
+def _read_collector_json(out_dir: Path) -> dict:
+    try:
+        return json.loads((Path(out_dir) / "collector.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    if args.capacity < 1:
+        raise ConfigError("--capacity", "must be >= 1")
+    if args.max_series < 1:
+        raise ConfigError("--max-series", "must be >= 1")
+    if not args.kl_threshold > 0:
+        raise ConfigError("--kl-threshold", "must be > 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m collector``."""
+    parser = argparse.ArgumentParser(prog="python -m collector", description=__doc__)
+    add_arguments(parser)
+    add_process_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_collector(args)
+    except ConfigError as exc:
+        print(f"rlmon collector: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,288 @@
+"""The collector process: receive → event log → state → replies, snapshots for the exporters.
+
+One thread runs the receive loop and owns every mutable structure; the Prometheus endpoint runs in
+prometheus_client's server thread and reads the latest immutable snapshot. SIGTERM or SIGINT ends
+the loop; :meth:`CollectorService.finalize` then completes pending steps and writes the reports.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from collector.eventlog import EventLog
+from collector.snapshot import Alert, CollectorSnapshot, StopSnapshot
+from collector.state import CollectorState, Reply, StateConfig
+from exporters.atomic import atomic_write_text
+from exporters.prometheus import MetricsServer
+from exporters.reports import write_final_reports
+from rlmon import wire
+from rlmon.errors import ConfigError, FrameRejected
+from rlmon.wire import Kind
+
+log = logging.getLogger("rlmon.collector")
+
+#: Frames handled per loop iteration before the group commit and the acknowledgements.
+MAX_FRAMES_PER_ITERATION = 2000
+
+
+@dataclass(kw_only=True, slots=True)
+class ServiceConfig:
+    """Where the collector listens and writes."""
+
+    out_dir: Path
+    """Run directory: event log, alerts, reports, collector.json."""
+    endpoint: str = "tcp://127.0.0.1:*"
+    """ZeroMQ address to bind (``*`` as the port picks a free one)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus endpoint (loopback by default)."""
+    metrics_port: int = 0
+    """Port of the Prometheus endpoint (0 picks a free one; -1 disables it)."""
+    snapshot_interval: float = 0.25
+    """Seconds between snapshots published to the exporters."""
+    parent_pid: int = 0
+    """Finish when this process is gone (the embedded default); 0 to disable."""
+    state: StateConfig = field(default_factory=lambda: StateConfig(run_id="run"))
+
+    def __post_init__(self) -> None:
+        if not self.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError("--endpoint", f"not a ZeroMQ address: {self.endpoint!r}")
+        if self.snapshot_interval <= 0:
+            raise ConfigError("--snapshot-interval", "must be > 0")
+
+
+class CollectorService:
+    """A running collector. Use :meth:`start`, then :meth:`run` (blocks), then :meth:`finalize`."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.state = CollectorState(config.state, on_alert=self._record_alert,
+                                    on_stop=self._record_stop)
+        self._stop_requested = threading.Event()
+        self._snapshot: CollectorSnapshot | None = None
+        self._context: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+        self._metrics: MetricsServer | None = None
+        self._event_log: EventLog | None = None
+        self._alerts_file = None
+        self._lock_file = None
+        self.endpoint = ""
+        self.metrics_url = ""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Claim the run directory, open the log, bind the socket and the metrics endpoint, and
+        write ``collector.json`` (the ready signal)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_directory()
+        self._event_log = EventLog(self.out_dir)
+        self._alerts_file = open(self.out_dir / "alerts.jsonl", "a", buffering=1, encoding="utf-8")
+        self._bind()
+        self._publish_snapshot(time.time())
+        if self.config.metrics_port >= 0:
+            self._metrics = MetricsServer(lambda: self._snapshot)
+            port = self._metrics.start(self.config.metrics_host, self.config.metrics_port)
+            self.metrics_url = f"http://{self.config.metrics_host}:{port}/metrics"
+        self._write_collector_json()
+
+    def request_stop(self, *_: Any) -> None:
+        """End the receive loop soon (signal-handler safe)."""
+        self._stop_requested.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT end the loop; the reports are still written."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self) -> None:
+        """Serve until :meth:`request_stop` or the parent process is gone."""
+        next_snapshot = next_parent_check = 0.0
+        while not self._stop_requested.is_set():
+            self.serve_once(timeout_ms=50)
+            now = time.time()
+            if now >= next_snapshot:
+                self._publish_snapshot(now)
+                next_snapshot = now + self.config.snapshot_interval
+            if now >= next_parent_check:
+                self._check_parent()
+                next_parent_check = now + 1.0
+
+    def serve_once(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for frames, handle what arrived, commit, acknowledge, and
+        send stop states that are due. Returns the number of frames handled."""
+        assert self._socket is not None
+        handled = 0
+        acks: dict[bytes, tuple[int, int]] = {}
+        replies: list[Reply] = []
+        if self._socket.poll(timeout_ms, zmq.POLLIN):
+            handled = self._receive(acks, replies)
+        if self._event_log is not None:
+            self._event_log.commit()
+        now = time.time()
+        replies.extend(self.state.ack(identity, rank, inc) for identity, (rank, inc) in acks.items())
+        replies.extend(self.state.resends(now))
+        self._send(replies)
+        return handled
+
+    def finalize(self) -> list[Path]:
+        """Drain what is queued, complete pending steps, write the reports, release everything."""
+        if self._socket is not None:
+            while self.serve_once(timeout_ms=100):
+                pass
+        now = time.time()
+        self.state.finish(now)
+        snapshot = self.state.snapshot(now, with_history=True, finished=True)
+        self._snapshot = snapshot
+        written = write_final_reports(snapshot, self.out_dir)
+        self.close()
+        return written
+
+    def close(self) -> None:
+        """Stop serving and release sockets, files and the directory lock."""
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        for resource in (self._event_log, self._alerts_file, self._lock_file):
+            if resource is not None:
+                resource.close()
+        self._event_log = self._alerts_file = self._lock_file = None
+
+    @property
+    def snapshot(self) -> CollectorSnapshot | None:
+        """The latest published snapshot."""
+        return self._snapshot
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _claim_directory(self) -> None:
+        """One collector per run directory: hold an exclusive lock on ``collector.lock``."""
+        self._lock_file = open(self.out_dir / "collector.lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise ConfigError("--out", f"another collector is using {self.out_dir}") from None
+
+    def _bind(self) -> None:
+        self._context = zmq.Context(io_threads=1)
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        try:
+            sock.bind(self.config.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError("--endpoint", f"cannot bind {self.config.endpoint}: {exc}") from exc
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._socket = sock
+
+    def _receive(self, acks: dict[bytes, tuple[int, int]], replies: list[Reply]) -> int:
+        handled = 0
+        now = time.time()
+        while handled < MAX_FRAMES_PER_ITERATION:
+            try:
+                parts = self._socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            handled += 1
+            if len(parts) != 2:
+                self.state.reject("bad_framing")
+                continue
+            identity, frame = parts
+            self._handle_frame(identity, frame, now, acks, replies)
+        return handled
+
+    def _handle_frame(self, identity: bytes, frame: bytes, now: float,
+                      acks: dict[bytes, tuple[int, int]], replies: list[Reply]) -> None:
+        try:
+            message = wire.decode(frame)
+        except FrameRejected as exc:
+            self.state.reject(exc.reason)
+            return
+        if message.kind in (Kind.ACK, Kind.STOP_STATE, Kind.REFUSED):
+            self.state.reject("unexpected_kind")
+            return
+        if message.kind in (Kind.BATCH, Kind.HELLO, Kind.BYE) and self._event_log is not None:
+            self._event_log.append(frame)
+        replies.extend(self.state.handle(message, identity, now))
+        if message.kind is Kind.BATCH:
+            acks[identity] = (message.rank, message.inc)
+
+    def _send(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            try:
+                self._socket.send_multipart([reply.identity, wire.encode(reply.fields)], zmq.NOBLOCK)
+            except zmq.ZMQError:  # peer gone or its queue full: the resend logic tries again
+                pass
+
+    def _publish_snapshot(self, now: float) -> None:
+        self._snapshot = self.state.snapshot(now)
+
+    def _record_alert(self, alert: Alert) -> None:
+        if self._alerts_file is not None:
+            self._alerts_file.write(json.dumps(_alert_json(alert)) + "\n")
+        log.warning("alert at step %d: %s %s", alert.step, alert.severity, alert.message)
+
+    def _record_stop(self, state: StopSnapshot) -> None:
+        if self._event_log is not None:
+            self._event_log.append(self.state.stop_record(state))
+        log.warning("stop decided (generation %d): every rank stops at step %d: %s",
+                    state.generation, state.stop_at_step, state.reason)
+
+    def _check_parent(self) -> None:
+        pid = self.config.parent_pid
+        if pid and not _process_alive(pid):
+            log.warning("parent process %d is gone; finishing", pid)
+            self.request_stop()
+
+    def _write_collector_json(self) -> None:
+        key_path = self.out_dir / "control.key"
+        key_path.touch(mode=0o600)
+        key_path.write_text(self.config.state.control_key)
+        info = {"endpoint": self.endpoint, "metrics_url": self.metrics_url, "pid": os.getpid(),
+                "run_id": self.config.state.run_id, "out_dir": str(self.out_dir.resolve()),
+                "control_key_file": str(key_path.resolve()), "started_at": self.state.started_at}
+        atomic_write_text(self.out_dir / "collector.json", json.dumps(info, indent=2) + "\n")
+
+
+def new_control_key() -> str:
+    """A random key that operators' stop requests must carry (stored mode 0600 in the run dir)."""
+    return secrets.token_hex(16)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _alert_json(alert: Alert) -> dict[str, Any]:
+    return {"step": alert.step, "severity": alert.severity, "type": alert.type,
+            "metric": alert.metric, "value": alert.value, "threshold": alert.threshold,
+            "message": alert.message, "time": alert.time, "rank": alert.rank}

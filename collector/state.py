@@ -1,0 +1,437 @@
+"""The collector's state machine, with no sockets: messages in, replies and decisions out.
+
+:class:`CollectorState` is fed decoded messages by the receive loop (or by ``rlmon report``
+replaying the event log) together with the time; it updates the store, the aggregates, the rank
+table, the detectors and the stop state, and returns the replies to send. Everything is
+single-threaded and takes the clock as an argument, so tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable
+
+import numpy as np
+
+from collector.aggregate import StepAggregator
+from collector.detectors import Finding, KLDetector
+from collector.ranks import RankTable
+from collector.snapshot import (Alert, CollectorSnapshot, MetricSnapshot, SampleRecord,
+                                StopSnapshot)
+from collector.stop import MarginPolicy, StopCoordinator
+from collector.store import RingStore, SeriesLimitError
+from rlmon import wire
+from rlmon.wire import Kind, Message
+
+#: Rank number of the cross-rank mean series in the store.
+AGGREGATE_RANK = -1
+#: Samples kept for reports.
+MAX_RECENT_SAMPLES = 256
+#: Alerts kept in memory (all of them also go to alerts.jsonl).
+MAX_ALERTS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A message for one peer, addressed by its ZeroMQ routing identity."""
+
+    identity: bytes
+    fields: dict[str, Any]
+
+
+@dataclass(kw_only=True, slots=True)
+class StateConfig:
+    """Settings of the collector's state (the CLI fills these)."""
+
+    run_id: str
+    world_size: int = 1
+    capacity: int = 10_000
+    max_series: int = 4_096
+    kl_threshold: float = 0.1
+    stats_window: int = 100
+    control_key: str = ""
+    margin: MarginPolicy = field(default_factory=MarginPolicy)
+
+
+class CollectorState:
+    """Everything the collector knows, updated one message at a time."""
+
+    def __init__(self, config: StateConfig, on_alert: Callable[[Alert], None] | None = None,
+                 on_stop: Callable[[StopSnapshot], None] | None = None) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.store = RingStore(capacity=config.capacity, max_series=config.max_series)
+        self.aggregator = StepAggregator(world_size=config.world_size)
+        self.ranks = RankTable()
+        self.stop = StopCoordinator()
+        self.kl_detector = KLDetector(threshold=config.kl_threshold)
+        self.world_size = config.world_size
+        self.frames_by_kind: collections.Counter[str] = collections.Counter()
+        self.rejected_by_reason: collections.Counter[str] = collections.Counter()
+        self.flagged_by_reason: collections.Counter[str] = collections.Counter()
+        self.alerts: collections.deque[Alert] = collections.deque(maxlen=MAX_ALERTS)
+        self.alert_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.samples: collections.deque[SampleRecord] = collections.deque(maxlen=MAX_RECENT_SAMPLES)
+        self.last_aggregate: dict[str, tuple[int, float, float, float]] = {}
+        self._series_ids: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
+        self._on_alert = on_alert
+        self._on_stop = on_stop
+
+    # -- input -------------------------------------------------------------------------------------
+
+    def reject(self, reason: str) -> None:
+        """Count a frame refused before it became a message."""
+        self.rejected_by_reason[reason] += 1
+
+    def handle(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        """Apply one validated message; return the replies (none when replaying)."""
+        self.frames_by_kind[message.kind.name.lower()] += 1
+        handler = _HANDLERS.get(message.kind)
+        if handler is None:
+            self.reject("unexpected_kind")
+            return []
+        return handler(self, message, identity, now)
+
+    def _on_hello(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        info = self._touch(message, identity, now)
+        fields = message.fields
+        info.local_rank, info.pid, info.host = fields["local_rank"], fields["pid"], fields["host"][:128]
+        info.closed = False
+        if 0 < fields["world"] <= 1_000_000 and fields["world"] > self.world_size:
+            self.world_size = fields["world"]
+            self.aggregator.set_world_size(self.world_size)
+        return self._stop_state_for(info.rank, identity)
+
+    def _on_batch(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        info = self._touch(message, identity, now)
+        fields = message.fields
+        if fields["seq"] <= info.last_seq.get(message.inc, 0):
+            self.rejected_by_reason["duplicate"] += 1
+            return []
+        info.last_seq[message.inc] = fields["seq"]
+        info.batches += 1
+        self._read_ledger(info, fields.get("ledger"))
+        for block in fields["blocks"]:
+            self._ingest_block(message.rank, block, info)
+        info.last_step = max(info.last_step, fields["step"])
+        self._ingest_samples(message.rank, fields.get("samples", ()))
+        self._complete_steps(now)
+        return []
+
+    def _on_heartbeat(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        info = self._touch(message, identity, now)
+        info.last_step = max(info.last_step, message.fields["step"])
+        self._read_ledger(info, message.fields.get("ledger"))
+        return []
+
+    def _on_bye(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        info = self._touch(message, identity, now)
+        self._read_ledger(info, message.fields.get("ledger"))
+        info.closed = True
+        if identity is None:
+            return []
+        seq = info.last_seq.get(message.inc, 0)
+        return [Reply(identity, self._reply(Kind.ACK, seq=seq, bye=True))]
+
+    def _on_stop_ack(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        info = self._touch(message, identity, now)
+        fields = message.fields
+        if fields["ok"]:
+            self.stop.acknowledged(message.rank, fields["gen"])
+            return []
+        info.last_step = max(info.last_step, fields["step"])
+        state = self.stop.refused(rank=message.rank, generation=fields["gen"],
+                                  rank_step=fields["step"], furthest_step=self.ranks.furthest_step(),
+                                  margin_steps=self.margin_steps(), now=now)
+        return self._announce(state)
+
+    def _on_stop_request(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        fields = message.fields
+        if message.rank < 0:  # an operator: must prove it holds the control key
+            if not self.config.control_key or fields.get("key") != self.config.control_key:
+                self.rejected_by_reason["bad_control_key"] += 1
+                return [Reply(identity, self._reply(Kind.REFUSED, why="bad control key"))] if identity else []
+            source = "operator"
+        else:
+            self._touch(message, identity, now)
+            source = f"rank:{message.rank}"
+        state = self.request_stop(fields["reason"][:512], _severity(fields["sev"]), source, now)
+        replies = self._announce(state)
+        if message.rank < 0 and identity is not None and self.stop.state is not None:
+            replies.append(Reply(identity, self._stop_message(self.stop.state)))
+        return replies
+
+    def _on_stop_state(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        """Only the collector writes STOP_STATE records into its own log; replay restores them."""
+        if identity is not None:
+            self.rejected_by_reason["unexpected_kind"] += 1
+            return []
+        f = message.fields
+        self.stop.restore(StopSnapshot(f["gen"], f["at"], f["reason"], f["sev"],
+                                       float(f.get("t", 0.0)), str(f.get("src", ""))))
+        return []
+
+    # -- decisions -----------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str, severity: str, source: str, now: float) -> StopSnapshot | None:
+        """Ask for a coordinated stop; returns the new state when this request decided it."""
+        return self.stop.request(reason=reason, severity=severity, source=source,
+                                 furthest_step=self.ranks.furthest_step(),
+                                 margin_steps=self.margin_steps(), now=now)
+
+    def margin_steps(self) -> int:
+        """Steps between the furthest reported step and a new stop step, from measured rates."""
+        return self.config.margin.steps(self.ranks.fastest_rate(), self.ranks.worst_lag())
+
+    def resends(self, now: float) -> list[Reply]:
+        """The stop state for every live rank that has not acknowledged it (rate-limited)."""
+        state = self.stop.state
+        if state is None:
+            return []
+        replies = []
+        for rank in self.stop.due(self.ranks.live(), now):
+            identity = self.ranks.ranks[rank].identity
+            if identity is not None:
+                replies.append(Reply(identity, self._stop_message(state)))
+        return replies
+
+    def _announce(self, state: StopSnapshot | None) -> list[Reply]:
+        if state is None:
+            return []
+        if self._on_stop is not None:
+            self._on_stop(state)
+        return []  # the next resends() call sends it to every rank
+
+    def _stop_state_for(self, rank: int, identity: bytes | None) -> list[Reply]:
+        state = self.stop.state
+        if state is None or identity is None:
+            return []
+        return [Reply(identity, self._stop_message(state))]
+
+    # -- ingest ----------------------------------------------------------------------------------
+
+    def _touch(self, message: Message, identity: bytes | None, now: float):
+        info = self.ranks.get(message.rank)
+        info.last_seen = now
+        info.incarnation = message.inc
+        if identity is not None:
+            info.identity = identity
+        return info
+
+    def _read_ledger(self, info, ledger: Any) -> None:
+        if not isinstance(ledger, dict):
+            return
+        dropped = ledger.get("dropped")
+        if isinstance(dropped, dict):
+            info.ledger_dropped = {str(k)[:32]: int(v) for k, v in list(dropped.items())[:16]
+                                   if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        emitted = ledger.get("emitted")
+        if isinstance(emitted, int) and not isinstance(emitted, bool):
+            info.emitted = emitted
+
+    def _ingest_block(self, rank: int, block: wire.Block, info) -> None:
+        matrix, valid = _numeric_matrix(block.values, len(block.keys))
+        wrong = int(valid.size - valid.sum()) if valid is not None else 0
+        if wrong:
+            self.flagged_by_reason["wrong_type"] += wrong
+        finite = np.isfinite(matrix)
+        if not finite.all():
+            self._count_non_finite(matrix, finite, valid)
+        ids = self._ids_for(rank, block.keys)
+        if ids is None:
+            return
+        steps = np.asarray(block.steps, dtype=np.int64)
+        if valid is None:
+            self.store.append_block(ids, steps, matrix)
+        else:
+            self._append_valid(ids, steps, matrix, valid)
+        self.aggregator.add_block(rank, block.keys, steps, np.where(valid, matrix, np.nan)
+                                  if valid is not None else matrix)
+        info.scalars += matrix.size - wrong
+        info.observe_steps(block.steps, block.times)
+        info.observe_lag(block.times[-1] if block.times else info.last_seen, info.last_seen)
+
+    def _count_non_finite(self, matrix: np.ndarray, finite: np.ndarray, valid) -> None:
+        nan = np.isnan(matrix) if valid is None else np.isnan(matrix) & valid
+        self.flagged_by_reason["nan"] += int(nan.sum())
+        self.flagged_by_reason["inf"] += int(np.isinf(matrix).sum())
+
+    def _append_valid(self, ids: np.ndarray, steps: np.ndarray, matrix: np.ndarray,
+                      valid: np.ndarray) -> None:
+        for column, series in enumerate(ids):
+            for row in np.flatnonzero(valid[:, column]):
+                self.store.append(int(series), int(steps[row]), float(matrix[row, column]))
+
+    def _ids_for(self, rank: int, keys: list[str]) -> np.ndarray | None:
+        cache_key = (rank, tuple(keys))
+        ids = self._series_ids.get(cache_key)
+        if ids is not None:
+            return ids
+        try:
+            ids = np.array([self.store.series_id(k, rank) for k in keys], dtype=np.int64)
+        except SeriesLimitError:
+            self.rejected_by_reason["series_limit"] += 1
+            return None
+        if len(self._series_ids) > 10_000:
+            self._series_ids.clear()
+        self._series_ids[cache_key] = ids
+        return ids
+
+    def _ingest_samples(self, rank: int, samples: Any) -> None:
+        for step, prompts, responses, rewards in samples:
+            for i, (prompt, response) in enumerate(zip(prompts, responses)):
+                reward = _as_float(rewards[i]) if rewards is not None else math.nan
+                self.samples.append(SampleRecord(step, rank, prompt[:2000], response[:2000], reward))
+
+    def _complete_steps(self, now: float) -> None:
+        self._apply_aggregates(self.aggregator.pop_completed(), now)
+
+    def finish(self, now: float) -> None:
+        """End of run: complete every pending step with whatever ranks reported."""
+        self._apply_aggregates(self.aggregator.flush(), now)
+
+    def _apply_aggregates(self, completed: list, now: float) -> None:
+        by_metric: dict[str, list] = collections.defaultdict(list)
+        for agg in completed:
+            by_metric[agg.metric].append(agg)
+        for metric, aggs in by_metric.items():
+            self._store_aggregates(metric, aggs)
+            if self.kl_detector.watches(metric):
+                for agg in aggs:
+                    self._act_on(self.kl_detector.observe(metric, agg.step, agg.mean, now), now)
+
+    def _store_aggregates(self, metric: str, aggs: list) -> None:
+        try:
+            series = self.store.series_id(metric, AGGREGATE_RANK)
+        except SeriesLimitError:
+            self.rejected_by_reason["series_limit"] += 1
+            return
+        steps = np.fromiter((a.step for a in aggs), dtype=np.int64, count=len(aggs))
+        means = np.fromiter((a.mean for a in aggs), dtype=np.float64, count=len(aggs))
+        self.store.append_block(np.array([series], dtype=np.int64), steps, means.reshape(-1, 1))
+        last = aggs[-1]
+        self.last_aggregate[metric] = (last.step, last.mean, last.min, last.max)
+
+    def _act_on(self, findings: list[Finding], now: float) -> None:
+        for finding in findings:
+            self.alerts.append(finding.alert)
+            self.alert_counts[(finding.alert.type, finding.alert.severity)] += 1
+            if self._on_alert is not None:
+                self._on_alert(finding.alert)
+            if finding.stop:
+                state = self.request_stop(finding.alert.message, finding.alert.severity,
+                                          f"detector:{finding.alert.type.lower()}", now)
+                self._announce(state)
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def _reply(self, kind: Kind, **fields: Any) -> dict[str, Any]:
+        return wire.envelope(kind, self.config.run_id, -1, 0, **fields)
+
+    def _stop_message(self, state: StopSnapshot) -> dict[str, Any]:
+        return self._reply(Kind.STOP_STATE, gen=state.generation, at=state.stop_at_step,
+                           reason=state.reason, sev=state.severity, t=state.decided_at,
+                           src=state.source)
+
+    def stop_record(self, state: StopSnapshot) -> bytes:
+        """The STOP_STATE frame the collector writes into its own event log."""
+        return wire.encode(self._stop_message(state))
+
+    def ack(self, identity: bytes, rank: int, inc: int) -> Reply:
+        """Acknowledge everything durably logged from ``(rank, inc)``."""
+        seq = self.ranks.get(rank).last_seq.get(inc, 0)
+        return Reply(identity, self._reply(Kind.ACK, seq=seq))
+
+    def snapshot(self, now: float, *, with_history: bool = False, finished: bool = False,
+                 window: int | None = None) -> CollectorSnapshot:
+        """An immutable view for exporters. ``with_history`` copies whole series (reports)."""
+        window = self.config.stats_window if window is None else window
+        metrics = {name: self._metric_snapshot(name, with_history, window)
+                   for name in self._metric_names()}
+        ranks = {r: info.snapshot() for r, info in sorted(self.ranks.ranks.items())}
+        return CollectorSnapshot(
+            run_id=self.config.run_id, started_at=self.started_at, taken_at=now,
+            world_size=self.world_size, kl_threshold=self.config.kl_threshold,
+            metrics=MappingProxyType(metrics), ranks=MappingProxyType(ranks),
+            frames_received_by_kind=MappingProxyType(dict(self.frames_by_kind)),
+            frames_rejected_by_reason=MappingProxyType(dict(self.rejected_by_reason)),
+            values_flagged_by_reason=MappingProxyType(dict(self.flagged_by_reason)),
+            alerts=tuple(self.alerts), alert_counts=MappingProxyType(dict(self.alert_counts)),
+            stop=self.stop.state, recent_samples=tuple(self.samples),
+            series_count=self.store.series_count, series_capacity=self.store.capacity,
+            finished=finished)
+
+    def _metric_names(self) -> list[str]:
+        return sorted({metric for metric, rank in self.store.keys() if rank >= 0})
+
+    def _metric_snapshot(self, name: str, with_history: bool, window: int | None) -> MetricSnapshot:
+        last_by_rank, last_step_by_rank = {}, {}
+        for rank in self.ranks.ranks:
+            series = self.store.find(name, rank)
+            if series is not None:
+                step, value = self.store.last(series)
+                last_by_rank[rank], last_step_by_rank[rank] = value, step
+        aggregate_series = self.store.find(name, AGGREGATE_RANK)
+        if aggregate_series is None:  # no step completed yet: describe rank 0's series instead
+            aggregate_series = self.store.find(name, min(last_by_rank, default=0))
+        stats = self.store.window_stats(aggregate_series, None if with_history else window)
+        if with_history:
+            steps, values = self.store.history(aggregate_series)
+        else:
+            steps, values = np.empty(0, np.int64), np.empty(0, np.float64)
+        step, mean, low, high = self.last_aggregate.get(name, (-1, math.nan, math.nan, math.nan))
+        return MetricSnapshot(name, MappingProxyType(last_by_rank),
+                              MappingProxyType(last_step_by_rank),
+                              MappingProxyType({"mean": mean, "min": low, "max": high}), step,
+                              stats, steps, values)
+
+
+_HANDLERS = {
+    Kind.HELLO: CollectorState._on_hello,
+    Kind.BATCH: CollectorState._on_batch,
+    Kind.HEARTBEAT: CollectorState._on_heartbeat,
+    Kind.BYE: CollectorState._on_bye,
+    Kind.STOP_ACK: CollectorState._on_stop_ack,
+    Kind.STOP_REQUEST: CollectorState._on_stop_request,
+    Kind.STOP_STATE: CollectorState._on_stop_state,
+}
+
+
+def _numeric_matrix(rows: list[list[Any]], width: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows of values as a float64 matrix; with a validity mask when some are not numbers."""
+    if not rows:
+        return np.empty((0, width), np.float64), None
+    try:
+        plain = np.array(rows)
+        if plain.dtype.kind in "fiub" and plain.shape == (len(rows), width):
+            return plain.astype(np.float64, copy=False), None
+    except (TypeError, ValueError, OverflowError):
+        pass
+    valid = np.array([[_is_number(v) for v in row] for row in rows], dtype=bool).reshape(len(rows), width)
+    matrix = np.array([[_as_float(v) if ok else math.nan for v, ok in zip(row, oks)]
+                       for row, oks in zip(rows, valid)], dtype=np.float64).reshape(len(rows), width)
+    return matrix, valid
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return abs(value) < 2**1023
+    return isinstance(value, float)
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def _severity(value: str) -> str:
+    value = value.upper()
+    return value if value in ("INFO", "WARNING", "CRITICAL") else "CRITICAL"

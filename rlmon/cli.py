@@ -1,0 +1,159 @@
+"""The ``rlmon`` command.
+
+::
+
+    rlmon collector --out DIR                  a standalone collector (writes DIR/collector.json)
+    rlmon launch --out DIR -- torchrun ...     a collector beside a training command
+    rlmon stop DIR --reason TEXT               an operator's coordinated stop
+    rlmon report DIR                           rebuild the reports from the event log, offline
+    rlmon demo                                 the main job: a small GRPO run on CPU, 2 ranks
+
+The collector commands import the collector's dependencies (numpy, numba, prometheus-client)
+lazily, so a training node with only pyzmq and msgpack can still run ``rlmon stop``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+from rlmon.errors import ConfigError, RlmonError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rlmon`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except RlmonError as exc:
+        print(f"rlmon {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlmon", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+    _add_collector(commands)
+    _add_launch(commands)
+    _add_stop(commands)
+    _add_report(commands)
+    _add_demo(commands)
+    return parser
+
+
+def _add_collector(commands) -> None:
+    from collector.cli import add_arguments, add_process_arguments
+
+    sub = commands.add_parser("collector", help="run a standalone collector")
+    add_arguments(sub)
+    add_process_arguments(sub)
+    sub.set_defaults(handler=_cmd_collector)
+
+
+def _add_launch(commands) -> None:
+    from collector.cli import add_arguments
+
+    sub = commands.add_parser("launch", help="run a command (e.g. torchrun) beside a collector",
+                              usage="rlmon launch --out DIR [options] -- COMMAND ...")
+    add_arguments(sub)
+    sub.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    sub.set_defaults(handler=_cmd_launch)
+
+
+def _add_stop(commands) -> None:
+    sub = commands.add_parser("stop", help="ask every rank of a running job to stop")
+    sub.add_argument("dir", type=Path, help="the run directory (holds collector.json)")
+    sub.add_argument("--reason", required=True, help="why; shown on every rank and in the report")
+    sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the collector")
+    sub.set_defaults(handler=_cmd_stop)
+
+
+def _add_report(commands) -> None:
+    sub = commands.add_parser("report", help="rebuild the reports of a run from its event log")
+    sub.add_argument("dir", type=Path, help="the run directory (holds events.rlog)")
+    sub.add_argument("--kl-threshold", type=float, default=0.1)
+    sub.set_defaults(handler=_cmd_report)
+
+
+def _add_demo(commands) -> None:
+    sub = commands.add_parser("demo", help="a small GRPO training on CPU, 2 ranks, monitored")
+    sub.add_argument("--out", type=Path, default=Path("rlmon_demo_out"), help="run directory")
+    sub.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
+    sub.add_argument("train_args", nargs=argparse.REMAINDER,
+                     help="flags for the training script after --, e.g. -- --inject none")
+    sub.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_collector(args: argparse.Namespace) -> int:
+    from collector.cli import run_collector
+
+    return run_collector(args)
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from collector.cli import collector_args
+    from rlmon.launch import launch
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise ConfigError("COMMAND", "give the command to run after --")
+    return launch(args.out, command, collector_args(args), run_id=args.run_id)
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from rlmon.operator import request_stop
+
+    state = request_stop(args.dir, args.reason, args.timeout)
+    print(json.dumps(state))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from collector.cli import replay
+    from exporters.reports import write_final_reports
+
+    state = replay(args.dir, kl_threshold=args.kl_threshold)
+    snapshot = state.snapshot(time.time(), with_history=True, finished=True)
+    for path in write_final_reports(snapshot, args.dir):
+        print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from rlmon.launch import launch
+
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               "-m", "rlmon.demo.train_grpo", *train_args]
+    flags = ["--out", str(args.out)]
+    code = launch(args.out, command, flags)
+    _print_demo_summary(args.out)
+    return code
+
+
+def _print_demo_summary(out_dir: Path) -> None:
+    report_md = out_dir / "training_report.md"
+    if report_md.exists():
+        print(f"\nrlmon demo: report at {report_md.resolve()}")
+        print(f"rlmon demo: JSON at {(out_dir / 'training_report.json').resolve()}")
+        print(f"rlmon demo: alerts at {(out_dir / 'alerts.jsonl').resolve()}")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The embedded default: a single-process script with no collector configured starts its own.
+
+The collector runs as a child process (never a thread in the training process: its Numba kernels,
+plots and disk writes must not compete with training for the GIL). It binds an ``ipc://`` address
+chosen here, so ``rlmon.init()`` returns at once: ZeroMQ queues the first batches until the
+collector is up. ``finalize`` (called by ``Monitor.close``) asks it to write its reports and waits
+a bounded time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlmon.config import RankConfig
+
+#: Seconds ``close()`` waits for the embedded collector to write its final reports.
+FINALIZE_TIMEOUT = 60.0
+
+
+@dataclass(slots=True)
+class EmbeddedCollector:
+    """A collector child process owned by this training process."""
+
+    process: subprocess.Popen
+    endpoint: str
+    out_dir: Path
+
+    def finalize(self) -> None:
+        """Ask the collector to finish (SIGTERM: it drains, writes reports, exits) and wait."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(FINALIZE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        print(f"rlmon: reports in {self.out_dir}", file=sys.stderr)
+
+
+def start_embedded_collector(config: RankConfig) -> EmbeddedCollector:
+    """Spawn ``python -m collector`` for this process and return its endpoint at once."""
+    out_dir = Path(config.out_dir or Path("rlmon_out") / config.run_id).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    socket_path = Path(tempfile.gettempdir()) / f"rlmon-{config.run_id}-{os.getpid()}.sock"
+    endpoint = f"ipc://{socket_path}"
+    command = [sys.executable, "-m", "collector", "--out", str(out_dir), "--endpoint", endpoint,
+               "--run-id", config.run_id, "--world-size", "1", "--parent-pid", str(os.getpid()),
+               "--quiet"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+    return EmbeddedCollector(process, endpoint, out_dir)

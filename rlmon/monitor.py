@@ -1,0 +1,278 @@
+"""The rank API: what a training process calls every step.
+
+:class:`Monitor` is returned by :func:`rlmon.init`. Its hot path (``log``) appends to an in-memory
+queue and returns; a background thread (:mod:`rlmon.publisher`) does the encoding and the I/O.
+Nothing here blocks on the network or raises into training; problems become counted drops.
+:class:`NullMonitor` has the same methods and does nothing (``RLMON_DISABLE=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import weakref
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from rlmon import wire
+from rlmon.config import RankConfig
+from rlmon.publisher import DeferredScalar, HostValues, Publisher, StopOffer
+from rlmon.wire import Kind
+
+log = logging.getLogger("rlmon")
+
+_PLAIN_TYPES = frozenset({float, int})
+
+
+class Monitor:
+    """Publishes one training process's metrics to the collector and follows its stop state.
+
+    Thread affinity: call from the training thread. Every method returns quickly and never raises
+    because of the collector (absent, slow, dead); see each method for its cost."""
+
+    def __init__(self, config: RankConfig, endpoint: str, on_close: Callable[[], None] | None = None):
+        self.config = config
+        self.rank = config.rank
+        self.local_rank = config.local_rank
+        self.world_size = config.world_size
+        self.run_id = config.run_id
+        self.endpoint = endpoint
+        self._on_close = on_close
+        self._publisher = Publisher(config, endpoint)
+        self._pending = self._publisher.pending
+        self._max_pending = config.max_pending
+        self._closed = False
+        self._seen_offer: StopOffer | None = None
+        self._stop_at: int | None = None
+        self._stop_reason: str | None = None
+        self._last_checked_step: int | None = None
+        _register_fork_handler(self)
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record ``metrics`` (floats, ints, 0-d tensors or numpy scalars) for ``step``.
+
+        Cost: an append to a queue (well under a microsecond for plain numbers). A 0-d CUDA tensor
+        is copied to the host without blocking and read later by the background thread. When the
+        queue holds ``max_pending`` steps the call is dropped and counted (``queue_full``)."""
+        pending = self._pending
+        if len(pending) >= self._max_pending:
+            self._publisher.ledger.drop("closed" if self._closed else "queue_full")
+            return
+        try:
+            if _PLAIN_TYPES.issuperset(map(type, metrics.values())):
+                pending.append((step, time.time(), metrics.copy()))
+            else:
+                pending.append((step, time.time(), _host_values(metrics)))
+            self._publisher.current_step = step
+            self._publisher.ledger.emitted += 1
+        except Exception:  # a bad argument must not take training down
+            self._publisher.ledger.drop("bad_value")
+
+    def log_samples(self, step: int, prompts: Sequence[str], responses: Sequence[str],
+                    rewards: Sequence[float] | None = None) -> None:
+        """Record prompt/response pairs (and optional rewards) for the text-quality detectors."""
+        try:
+            reward_list = None if rewards is None else [float(r) for r in _to_list(rewards)]
+            self._publisher.samples.append([int(step), [str(p) for p in prompts],
+                                            [str(r) for r in responses], reward_list])
+        except Exception:
+            self._publisher.ledger.drop("bad_value")
+
+    @contextlib.contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        """Time a phase; on exit logs ``span/<name>`` (seconds) at the last logged step."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.log(max(self._publisher.current_step, 0), {f"span/{name}": elapsed})
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def should_stop(self, step: int) -> bool:
+        """True exactly when ``step >= stop_at_step`` of the stop state this rank accepted.
+
+        Answers from local state (the background thread keeps it current). A stop state whose
+        ``stop_at_step`` this rank has already passed is refused and reported, and the collector
+        issues a later one. With ``stop_sync_every=K`` the ranks also agree through a
+        ``torch.distributed`` MAX all-reduce every K steps (exact, one collective per K steps)."""
+        offer = self._publisher.stop_offer
+        if offer is not self._seen_offer:
+            self._consider(offer, step)
+        self._last_checked_step = step
+        if self.config.stop_sync_every and step % self.config.stop_sync_every == 0:
+            return self._agree_on_stop(step)
+        return self._stop_at is not None and step >= self._stop_at
+
+    def request_early_stop(self, reason: str, severity: str = "CRITICAL") -> None:
+        """Ask the collector to stop every rank (it picks the step and tells every rank)."""
+        self._publisher.outbox.append(self._message(
+            Kind.STOP_REQUEST, reason=str(reason)[:512], sev=severity,
+            step=self._publisher.current_step))
+
+    @property
+    def stop_reason(self) -> str | None:
+        """The reason of the stop state this rank accepted, or None."""
+        return self._stop_reason
+
+    @property
+    def stop_at_step(self) -> int | None:
+        """The step this rank will stop at, or None when no stop was decided."""
+        return self._stop_at
+
+    def _consider(self, offer: StopOffer | None, step: int) -> None:
+        """Accept a new stop state unless this rank already passed its step; answer either way."""
+        self._seen_offer = offer
+        if offer is None:
+            return
+        passed = self._last_checked_step is not None and offer.stop_at_step <= self._last_checked_step
+        if not passed:
+            self._stop_at = offer.stop_at_step
+            self._stop_reason = offer.reason
+        self._publisher.outbox.append(self._message(
+            Kind.STOP_ACK, gen=offer.generation, step=step, ok=not passed))
+
+    def _agree_on_stop(self, step: int) -> bool:
+        """MAX all-reduce of "I would stop now" across the process group: all or none stop."""
+        local = self._stop_at is not None and step >= self._stop_at
+        try:
+            import torch
+            import torch.distributed as dist
+            if not (dist.is_available() and dist.is_initialized()):
+                return local
+            flag = torch.tensor([1.0 if local else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item() > 0)
+        except Exception:
+            log.warning("rlmon: stop agreement failed; using the local stop state", exc_info=True)
+            return local
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        """The ledger: steps emitted, dropped by reason, batches sent, highest acknowledged seq."""
+        ledger = self._publisher.ledger
+        return {"emitted": ledger.emitted, "dropped": dict(ledger.dropped),
+                "batches_sent": ledger.batches_sent, "acked_seq": ledger.acked_seq,
+                "pending": len(self._pending)}
+
+    def close(self) -> None:
+        """Flush and disconnect; with the collector gone this takes at most ``close_timeout`` + a
+        little. Idempotent. An embedded collector is finalized (its reports written) here."""
+        if self._closed:
+            return
+        self._closed = True
+        self._publisher.close()
+        if self._on_close is not None:
+            self._on_close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _message(self, kind: Kind, **fields: Any) -> dict[str, Any]:
+        return wire.envelope(kind, self.run_id, self.rank, self._publisher.incarnation, **fields)
+
+    def _restart_after_fork(self) -> None:
+        """In a forked child: drop the inherited sender and start a fresh one (new incarnation)."""
+        self._publisher.abandon()
+        self._publisher = Publisher(self.config, self.endpoint)
+        self._pending = self._publisher.pending
+        self._closed = False
+
+
+class NullMonitor:
+    """The disabled monitor: same methods as :class:`Monitor`, every call a no-op."""
+
+    rank = local_rank = 0
+    world_size = 1
+    run_id = ""
+    endpoint = None
+    stop_reason = None
+    stop_at_step = None
+
+    def __init__(self, config: RankConfig | None = None) -> None:
+        if config is not None:
+            self.rank, self.local_rank = config.rank, config.local_rank
+            self.world_size, self.run_id = config.world_size, config.run_id
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Do nothing."""
+
+    def log_samples(self, step: int, prompts: Sequence[str], responses: Sequence[str],
+                    rewards: Sequence[float] | None = None) -> None:
+        """Do nothing."""
+
+    @contextlib.contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        """Time nothing."""
+        yield
+
+    def should_stop(self, step: int) -> bool:
+        """Always False."""
+        return False
+
+    def request_early_stop(self, reason: str, severity: str = "CRITICAL") -> None:
+        """Do nothing."""
+
+    def statistics(self) -> dict[str, Any]:
+        """An empty ledger."""
+        return {"emitted": 0, "dropped": {}, "batches_sent": 0, "acked_seq": 0, "pending": 0}
+
+    def close(self) -> None:
+        """Do nothing."""
+
+    def __enter__(self) -> NullMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _host_values(metrics: Mapping[str, Any]) -> HostValues:
+    """Copy ``metrics``, turning tensors into numbers without a device synchronisation."""
+    return HostValues((key, _host_value(value)) for key, value in metrics.items())
+
+
+def _host_value(value: Any) -> Any:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.device.type == "cpu":
+            return tensor.item()
+        host = tensor.to("cpu", non_blocking=True)
+        event = torch.cuda.Event() if tensor.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        return DeferredScalar(host, event)
+    return value  # numpy scalars and the rest are resolved by the sender thread
+
+
+def _to_list(values: Any) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+_live_monitors: "weakref.WeakSet[Monitor]" = weakref.WeakSet()
+_fork_handler_registered = False
+
+
+def _register_fork_handler(monitor: Monitor) -> None:
+    """Remember ``monitor`` so a forked child (e.g. a DataLoader worker) gets a fresh sender."""
+    global _fork_handler_registered
+    if not _fork_handler_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_restart_all_after_fork)
+        _fork_handler_registered = True
+    _live_monitors.add(monitor)
+
+
+def _restart_all_after_fork() -> None:
+    for monitor in list(_live_monitors):
+        if not monitor._closed:
+            monitor._restart_after_fork()

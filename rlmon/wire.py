@@ -1,0 +1,204 @@
+"""The wire protocol between training ranks, operators and the collector.
+
+Every message is one ZeroMQ frame holding one msgpack map. ``docs/protocol.md`` is the
+specification with byte-level test vectors; this module is its only implementation. Keys are short
+because they travel with every batch.
+
+Common fields of every message: ``v`` (protocol version, :data:`PROTOCOL_VERSION`), ``k`` (the
+:class:`Kind`), ``run`` (run id, str), ``rank`` (int, -1 for an operator), ``inc`` (incarnation: a
+random 31-bit int chosen when a rank's publisher starts, so a restarted or forked process never
+collides with its predecessor). Unknown fields are ignored; an unknown version is rejected.
+
+``encode`` turns a map into bytes; ``decode`` turns bytes into a validated :class:`Message` or
+raises :class:`~rlmon.errors.FrameRejected` carrying the rejection reason that the collector counts.
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from rlmon.errors import FrameRejected
+
+PROTOCOL_VERSION = 1
+#: Largest frame the collector accepts; larger ones are refused by ZeroMQ (``ZMQ_MAXMSGSIZE``).
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: Bounds that keep a hostile frame from costing the collector more than its length.
+MAX_KEYS_PER_BLOCK = 4096
+MAX_STEPS_PER_BLOCK = 65536
+MAX_NAME_LENGTH = 256
+
+
+class Kind(enum.IntEnum):
+    """Message kinds. Ranks send HELLO, BATCH, HEARTBEAT, STOP_ACK, STOP_REQUEST and BYE; the
+    collector answers with ACK and STOP_STATE; operators send STOP_REQUEST with the control key and
+    receive STOP_STATE or REFUSED."""
+
+    HELLO = 1
+    BATCH = 2
+    ACK = 3
+    STOP_STATE = 4
+    STOP_ACK = 5
+    STOP_REQUEST = 6
+    HEARTBEAT = 7
+    BYE = 8
+    REFUSED = 9
+
+
+#: Fields every message must carry, with the Python types they must have.
+_COMMON_FIELDS = (("run", str), ("rank", int), ("inc", int))
+
+#: Per-kind required fields and their types (checked after the common ones).
+_REQUIRED_FIELDS: dict[Kind, tuple[tuple[str, type | tuple[type, ...]], ...]] = {
+    Kind.HELLO: (("world", int), ("local_rank", int), ("pid", int), ("host", str)),
+    Kind.BATCH: (("seq", int), ("t", (int, float)), ("step", int), ("blocks", list)),
+    Kind.ACK: (("seq", int),),
+    Kind.STOP_STATE: (("gen", int), ("at", int), ("reason", str), ("sev", str)),
+    Kind.STOP_ACK: (("gen", int), ("step", int), ("ok", bool)),
+    Kind.STOP_REQUEST: (("reason", str), ("sev", str)),
+    Kind.HEARTBEAT: (("step", int), ("t", (int, float))),
+    Kind.BYE: (("seq", int), ("step", int)),
+    Kind.REFUSED: (("why", str),),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Steps that share one key set, columnar: ``values[i][j]`` is ``keys[j]`` at ``steps[i]``.
+
+    ``times`` are the ranks' ``time.time()`` at each ``log`` call (Unix seconds)."""
+
+    keys: list[str]
+    steps: list[int]
+    times: list[float]
+    values: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded, validated message: its kind, the sender's identity, and the raw field map."""
+
+    kind: Kind
+    run: str
+    rank: int
+    inc: int
+    fields: dict[str, Any]
+
+
+def encode(fields: dict[str, Any]) -> bytes:
+    """Serialise one message map (which must already hold ``v`` and ``k``) to msgpack bytes."""
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def envelope(kind: Kind, run: str, rank: int, inc: int, **fields: Any) -> dict[str, Any]:
+    """Build a message map with the common fields filled in."""
+    return {"v": PROTOCOL_VERSION, "k": int(kind), "run": run, "rank": rank, "inc": inc, **fields}
+
+
+def decode(frame: bytes) -> Message:
+    """Parse and validate one frame.
+
+    Raises :class:`FrameRejected` with ``reason`` one of: ``oversize``, ``malformed`` (not msgpack,
+    truncated, trailing bytes, ext types, non-str map keys), ``not_a_map``, ``bad_version``,
+    ``unknown_kind``, ``missing_field``, ``wrong_type``, ``bad_block``.
+    """
+    if len(frame) > MAX_FRAME_BYTES:
+        raise FrameRejected("oversize", f"frame of {len(frame)} bytes")
+    raw = _unpack(frame)
+    if not isinstance(raw, dict):
+        raise FrameRejected("not_a_map", type(raw).__name__)
+    version = raw.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise FrameRejected("bad_version", repr(version)[:32])
+    kind = _kind_of(raw.get("k"))
+    _check_fields(raw, _COMMON_FIELDS)
+    _check_fields(raw, _REQUIRED_FIELDS[kind])
+    if kind is Kind.BATCH:
+        raw["blocks"] = [_block_of(b) for b in raw["blocks"]]
+        _check_samples(raw.get("samples", []))
+    return Message(kind, raw["run"], raw["rank"], raw["inc"], raw)
+
+
+def _unpack(frame: bytes) -> Any:
+    """msgpack-decode one frame on its own, refusing ext types; any failure is ``malformed``."""
+    try:
+        return msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, ext_hook=_refuse_ext
+        )
+    except FrameRejected:
+        raise
+    except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, ...)
+        raise FrameRejected("malformed", f"{type(exc).__name__}: {exc}"[:120]) from exc
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise FrameRejected("malformed", f"ext type {code}")
+
+
+def _kind_of(value: Any) -> Kind:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FrameRejected("unknown_kind", repr(value)[:32])
+    try:
+        return Kind(value)
+    except ValueError:
+        raise FrameRejected("unknown_kind", str(value)) from None
+
+
+def _check_fields(raw: dict[str, Any], spec: tuple[tuple[str, Any], ...]) -> None:
+    for name, types in spec:
+        if name not in raw:
+            raise FrameRejected("missing_field", name)
+        value = raw[name]
+        if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
+            raise FrameRejected("wrong_type", f"{name}: {type(value).__name__}")
+
+
+def _block_of(raw: Any) -> Block:
+    """Validate the shape of one columnar block (values are checked by the collector)."""
+    if not isinstance(raw, list) or len(raw) != 4:
+        raise FrameRejected("bad_block", "a block is [keys, steps, times, values]")
+    keys, steps, times, values = raw
+    if not (isinstance(keys, list) and isinstance(steps, list) and isinstance(times, list)):
+        raise FrameRejected("bad_block", "keys, steps and times must be arrays")
+    if not isinstance(values, list) or not (len(steps) == len(times) == len(values)):
+        raise FrameRejected("bad_block", "steps, times and values differ in length")
+    if len(keys) > MAX_KEYS_PER_BLOCK or len(steps) > MAX_STEPS_PER_BLOCK:
+        raise FrameRejected("bad_block", "too many keys or steps")
+    if not all(isinstance(k, str) and 0 < len(k) <= MAX_NAME_LENGTH for k in keys):
+        raise FrameRejected("bad_block", "keys must be non-empty strings")
+    if len(set(keys)) != len(keys):
+        raise FrameRejected("bad_block", "duplicate keys")
+    if not all(_is_int(s) for s in steps) or not all(_is_real(t) for t in times):
+        raise FrameRejected("bad_block", "steps must be ints and times numbers")
+    if not all(isinstance(row, list) and len(row) == len(keys) for row in values):
+        raise FrameRejected("bad_block", "each row needs one value per key")
+    return Block(keys, steps, times, values)
+
+
+def _check_samples(samples: Any) -> None:
+    """Samples are ``[step, prompts, responses, rewards-or-nil]`` with matching lengths."""
+    if not isinstance(samples, list):
+        raise FrameRejected("wrong_type", "samples")
+    for entry in samples:
+        if not (isinstance(entry, list) and len(entry) == 4 and _is_int(entry[0])):
+            raise FrameRejected("bad_block", "a sample entry is [step, prompts, responses, rewards]")
+        _, prompts, responses, rewards = entry
+        if not (isinstance(prompts, list) and isinstance(responses, list)):
+            raise FrameRejected("bad_block", "prompts and responses must be arrays")
+        if len(prompts) != len(responses) or not all(isinstance(s, str) for s in prompts + responses):
+            raise FrameRejected("bad_block", "prompts and responses must be strings of equal count")
+        if rewards is not None and (not isinstance(rewards, list) or len(rewards) != len(prompts)):
+            raise FrameRejected("bad_block", "rewards must be nil or one number per sample")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
