@@ -94,8 +94,8 @@ class CollectorService:
         self._publish_snapshot(time.time())
         if self.config.metrics_port >= 0:
             self._metrics = MetricsServer(lambda: self._snapshot)
-            port = self._metrics.start(self.config.metrics_host, self.config.metrics_port)
-            self.metrics_url = f"http://{self.config.metrics_host}:{port}/metrics"
+            self._metrics.start(self.config.metrics_host, self.config.metrics_port)
+            self.metrics_url = self._metrics.url
         self._write_collector_json()
 
     def request_stop(self, *_: Any) -> None:
@@ -226,7 +226,12 @@ class CollectorService:
             return
         if message.kind in (Kind.BATCH, Kind.HELLO, Kind.BYE) and self._event_log is not None:
             self._event_log.append(frame)
-        replies.extend(self.state.handle(message, identity, now))
+        try:
+            replies.extend(self.state.handle(message, identity, now))
+        except Exception:  # a bug must cost one frame, never the collector
+            self.state.reject("internal_error")
+            log.exception("internal error while handling a %s frame", message.kind.name)
+            return
         if message.kind is Kind.BATCH:
             acks[identity] = (message.rank, message.inc)
 

@@ -31,6 +31,8 @@ from rlmon.wire import Kind, Message
 AGGREGATE_RANK = -1
 #: Samples kept for reports.
 MAX_RECENT_SAMPLES = 256
+#: Ranks are numbered 0 .. MAX_RANKS - 1; anything else is refused as ``bad_rank``.
+MAX_RANKS = 65_536
 #: Alerts kept in memory (all of them also go to alerts.jsonl).
 MAX_ALERTS = 10_000
 
@@ -89,21 +91,30 @@ class CollectorState:
 
     def handle(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
         """Apply one validated message; return the replies (none when replaying)."""
-        self.frames_by_kind[message.kind.name.lower()] += 1
         handler = _HANDLERS.get(message.kind)
         if handler is None:
             self.reject("unexpected_kind")
             return []
+        if not (message.rank == -1 and message.kind is Kind.STOP_REQUEST
+                or message.kind is Kind.STOP_STATE) and not 0 <= message.rank < MAX_RANKS:
+            self.reject("bad_rank")
+            return []
+        self.frames_by_kind[message.kind.name.lower()] += 1
+        if message.rank >= self.world_size:  # a rank beyond the announced world: widen it
+            self._widen_world(message.rank + 1)
         return handler(self, message, identity, now)
+
+    def _widen_world(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.aggregator.set_world_size(world_size)
 
     def _on_hello(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)
         fields = message.fields
         info.local_rank, info.pid, info.host = fields["local_rank"], fields["pid"], fields["host"][:128]
         info.closed = False
-        if 0 < fields["world"] <= 1_000_000 and fields["world"] > self.world_size:
-            self.world_size = fields["world"]
-            self.aggregator.set_world_size(self.world_size)
+        if self.world_size < fields["world"] <= MAX_RANKS:
+            self._widen_world(fields["world"])
         return self._stop_state_for(info.rank, identity)
 
     def _on_batch(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:

@@ -1,0 +1,61 @@
+"""A tiny distributed training loop for integration tests (gloo, CPU), instrumented with rlmon.
+
+Each step does one all_reduce, so ranks stay within a step of each other like a real job, and a
+rank that left the loop early would hang the other one (the tests would then time out). Writes
+``<out>/rank<N>.json`` with the last step and the stop reason.
+
+Flags: --steps N, --kl-spike-at S (KL jumps to 1.0 from step S), --step-seconds X (work per step,
+as a wall-clock pace), --slow-rank R (that rank takes 3x as long per step).
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import rlmon
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--kl-spike-at", type=int, default=-1)
+    parser.add_argument("--step-seconds", type=float, default=0.01)
+    parser.add_argument("--slow-rank", type=int, default=-1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mon = rlmon.init()
+    pace = args.step_seconds * (3 if rank == args.slow_rank else 1)
+    last, reason = -1, None
+    for step in range(args.steps):
+        until = time.monotonic() + pace
+        while time.monotonic() < until:  # the step's "work"
+            pass
+        grad = torch.tensor([float(step + rank)])
+        dist.all_reduce(grad)
+        kl = 1.0 if 0 <= args.kl_spike_at <= step else 0.01 + 0.001 * rank
+        mon.log(step, {"reward": step / args.steps, "kl": kl, "loss": 1.0 / (step + 1),
+                       "grad": grad[0]})
+        last = step
+        if mon.should_stop(step):
+            reason = mon.stop_reason
+            break
+    closing = time.monotonic()
+    mon.close()
+    close_seconds = time.monotonic() - closing
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{rank}.json").write_text(json.dumps(
+        {"last_step": last, "reason": reason, "close_seconds": close_seconds,
+         "stats": mon.statistics(), "pid": os.getpid()}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
