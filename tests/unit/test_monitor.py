@@ -1,0 +1,152 @@
+"""The rank API without a collector: queueing, ledger, tensors, stop-state acceptance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlmon.config import RankConfig
+from rlmon.monitor import Monitor, NullMonitor
+from rlmon.publisher import DeferredScalar, HostValues, StopOffer, encode_blocks, resolve_value
+from rlmon.wire import Kind
+
+
+@pytest.fixture
+def monitor():
+    """A monitor pointed at an address nobody listens on; always closed."""
+    mon = Monitor(RankConfig(endpoint="tcp://127.0.0.1:1", run_id="t", close_timeout=0.05),
+                  "tcp://127.0.0.1:1")
+    yield mon
+    mon.close()
+
+
+def _idle_monitor(**overrides) -> Monitor:
+    """A monitor whose sender does not flush during the test (a 60 s flush interval)."""
+    config = RankConfig(endpoint="tcp://127.0.0.1:1", run_id="t", close_timeout=0.05,
+                        flush_interval=60.0, **overrides)
+    return Monitor(config, config.endpoint)
+
+
+def test_log_copies_the_dict():
+    """Mutating the dict after log() does not change what was logged."""
+    mon = _idle_monitor()
+    try:
+        metrics = {"a": 1.0}
+        mon.log(0, metrics)
+        metrics["a"] = 2.0
+        assert [item[2] for item in mon._publisher.pending] == [{"a": 1.0}]
+    finally:
+        mon.close()
+
+
+def test_cpu_tensors_and_numpy_scalars_become_numbers():
+    """0-d CPU tensors are read directly; numpy scalars are resolved by the sender."""
+    blocks, bad = encode_blocks([(1, 0.0, HostValues(t=torch.tensor(2.5).item(), n=np.float32(1.5)))])
+    assert bad == 0 and blocks[0][3] == [[2.5, 1.5]]
+    from rlmon.monitor import _host_values
+    values = _host_values({"loss": torch.tensor(0.25), "x": 3})
+    assert values == {"loss": 0.25, "x": 3}
+
+
+def test_deferred_scalar_waits_on_its_event_before_reading():
+    """A device value is read only after its copy's event has completed."""
+    calls = []
+
+    class Event:  # stands in for torch.cuda.Event: no GPU on this machine
+        def synchronize(self):
+            calls.append("synchronize")
+
+    value = DeferredScalar(torch.tensor(1.25), Event())
+    assert resolve_value(value) == 1.25 and calls == ["synchronize"]
+
+
+def test_blocks_group_equal_key_sets_in_order():
+    """Consecutive steps with the same keys share a block; a new key set starts another."""
+    records = [(0, 1.0, {"a": 1.0}), (1, 2.0, {"a": 2.0}), (1, 2.5, {"span/x": 0.1}),
+               (2, 3.0, {"a": 3.0})]
+    blocks, bad = encode_blocks(records)
+    assert bad == 0
+    assert [b[0] for b in blocks] == [["a"], ["span/x"], ["a"]]
+    assert blocks[0][1:] == [[0, 1], [1.0, 2.0], [[1.0], [2.0]]]
+
+
+def test_unreadable_records_are_counted_not_raised():
+    """A step that is not an integer is dropped and counted by the encoder."""
+    blocks, bad = encode_blocks([("x", 0.0, {"a": 1.0}), (1, 0.0, {"a": 2.0})])
+    assert bad == 1 and blocks[0][1] == [1]
+
+
+def test_bad_arguments_never_raise(monitor):
+    """log() with a non-dict and log_samples() with junk are counted, not raised."""
+    monitor.log(0, None)
+    monitor.log_samples(0, ["p"], ["r"], rewards=["not a number"])
+    assert monitor.statistics()["dropped"]["bad_value"] == 2
+
+
+def test_queue_bound_drops_and_counts():
+    """Past max_pending queued steps, log() drops and counts queue_full."""
+    mon = _idle_monitor(max_pending=5)
+    try:
+        for step in range(20):
+            mon.log(step, {"a": 1.0})
+        stats = mon.statistics()
+        assert stats["emitted"] == 5 and stats["dropped"] == {"queue_full": 15}
+    finally:
+        mon.close()
+
+
+def _offer(monitor, generation, at):
+    monitor._publisher.stop_offer = StopOffer(generation, at, "why", "CRITICAL", "operator")
+
+
+def _acks(monitor):
+    return [m for m in monitor._publisher.outbox if m["k"] == Kind.STOP_ACK]
+
+
+def test_stop_state_is_followed_from_its_step(monitor):
+    """should_stop is false before stop_at_step and true from it on; the state is acknowledged."""
+    monitor._publisher.outbox.clear()
+    assert not monitor.should_stop(0)
+    _offer(monitor, 1, 3)
+    assert [monitor.should_stop(s) for s in (1, 2, 3, 4)] == [False, False, True, True]
+    assert monitor.stop_reason == "why" and monitor.stop_at_step == 3
+    assert [(a["gen"], a["ok"]) for a in _acks(monitor)] == [(1, True)]
+
+
+def test_a_stop_step_already_passed_is_refused(monitor):
+    """A rank that already evaluated step 5 refuses a stop at 5 and keeps going."""
+    monitor._publisher.outbox.clear()
+    for step in range(6):
+        monitor.should_stop(step)
+    _offer(monitor, 1, 5)
+    assert not monitor.should_stop(6)
+    assert [(a["gen"], a["ok"], a["step"]) for a in _acks(monitor)] == [(1, False, 6)]
+    _offer(monitor, 2, 9)
+    assert [monitor.should_stop(s) for s in (7, 8, 9)] == [False, False, True]
+
+
+def test_stop_at_the_current_step_is_accepted(monitor):
+    """A stop at exactly the step being checked (not yet evaluated) is accepted."""
+    monitor.should_stop(4)
+    _offer(monitor, 1, 5)
+    assert monitor.should_stop(5)
+
+
+def test_request_early_stop_queues_a_request(monitor):
+    """request_early_stop sends a STOP_REQUEST with the reason."""
+    monitor._publisher.outbox.clear()
+    monitor.request_early_stop("reward hacking suspected")
+    requests = [m for m in monitor._publisher.outbox if m["k"] == Kind.STOP_REQUEST]
+    assert requests and requests[0]["reason"] == "reward hacking suspected"
+
+
+def test_null_monitor_has_the_same_methods():
+    """NullMonitor offers every public method of Monitor."""
+    public = {n for n in dir(Monitor) if not n.startswith("_")}
+    assert public <= set(dir(NullMonitor))
+    null = NullMonitor()
+    null.log(0, {"a": math.nan})
+    assert null.should_stop(10**9) is False

@@ -1,0 +1,137 @@
+"""CollectorState driven message by message with an injected clock: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import math
+
+from collector.state import CollectorState, StateConfig
+from rlmon import wire
+from rlmon.wire import Kind
+
+
+def _msg(kind, rank=0, inc=1, **fields):
+    return wire.decode(wire.encode(wire.envelope(kind, "run", rank, inc, **fields)))
+
+
+def _batch(rank, seq, steps, metrics, inc=1, t=0.0):
+    keys = list(metrics)
+    rows = [[metrics[k][i] for k in keys] for i in range(len(steps))]
+    times = [t + 0.01 * i for i in range(len(steps))]
+    return _msg(Kind.BATCH, rank, inc, seq=seq, t=t, step=steps[-1],
+                blocks=[[keys, steps, times, rows]])
+
+
+def _state(world=2, **config):
+    state = CollectorState(StateConfig(run_id="run", world_size=world, control_key="k", **config))
+    for rank in range(world):
+        state.handle(_msg(Kind.HELLO, rank, world=world, local_rank=rank, pid=1, host="h"),
+                     b"id%d" % rank, 0.0)
+    return state
+
+
+def test_batches_fill_rank_and_aggregate_series():
+    """Per-rank series hold each rank's values; the aggregate holds the cross-rank mean."""
+    state = _state()
+    state.handle(_batch(0, 1, [0, 1], {"reward": [1.0, 2.0]}), b"id0", 1.0)
+    state.handle(_batch(1, 1, [0, 1], {"reward": [3.0, 6.0]}), b"id1", 1.0)
+    snap = state.snapshot(2.0, with_history=True)
+    reward = snap.metrics["reward"]
+    assert dict(reward.last_by_rank) == {0: 2.0, 1: 6.0}
+    assert list(reward.steps) == [0, 1] and list(reward.values) == [2.0, 4.0]
+    assert reward.aggregate["min"] == 2.0 and reward.aggregate["max"] == 6.0
+    assert snap.ranks[1].last_step == 1
+
+
+def test_duplicate_batches_are_dropped_and_counted():
+    """A re-sent (rank, incarnation, seq) is stored once."""
+    state = _state(world=1)
+    batch = _batch(0, 1, [0], {"a": [1.0]})
+    state.handle(batch, b"id0", 1.0)
+    state.handle(batch, b"id0", 1.0)
+    assert state.rejected_by_reason["duplicate"] == 1
+    assert state.ranks.get(0).batches == 1
+
+
+def test_nan_and_wrong_types_are_flagged():
+    """NaN/Inf are stored and counted; a string value is counted and not stored."""
+    state = _state(world=1)
+    state.handle(_batch(0, 1, [0, 1], {"a": [math.nan, 1.0], "b": [math.inf, "x"]}), b"id0", 1.0)
+    assert state.flagged_by_reason["nan"] == 1
+    assert state.flagged_by_reason["inf"] == 1
+    assert state.flagged_by_reason["wrong_type"] == 1
+    assert state.store.count(state.store.find("b", 0)) == 1
+
+
+def test_kl_spike_decides_a_stop_ahead_of_every_rank():
+    """A critical KL stops the run at a step past the furthest one any rank reported."""
+    state = _state()
+    for rank in (0, 1):
+        state.handle(_batch(rank, 1, [0, 1, 2], {"kl": [0.01, 0.01, 0.5]}), b"id%d" % rank, 1.0)
+    stop = state.stop.state
+    assert stop is not None and stop.generation == 1
+    assert stop.stop_at_step > 2 and stop.source == "detector:kl_high"
+    assert {r.identity for r in state.resends(1.0)} == {b"id0", b"id1"}
+    assert state.resends(1.05) == []  # rate-limited
+    assert state.alert_counts[("KL_HIGH", "CRITICAL")] == 1
+
+
+def test_a_refusal_makes_a_later_generation():
+    """A rank that passed stop_at_step refuses; the collector issues a later generation."""
+    state = _state()
+    state.request_stop("operator", "CRITICAL", "operator", 0.0)
+    first = state.stop.state
+    state.handle(_msg(Kind.STOP_ACK, 1, gen=1, step=first.stop_at_step + 4, ok=False), b"id1", 0.5)
+    second = state.stop.state
+    assert second.generation == 2 and second.stop_at_step > first.stop_at_step + 4
+    state.handle(_msg(Kind.STOP_ACK, 0, gen=2, step=0, ok=True), b"id0", 0.6)
+    assert state.stop.state.acked_ranks == (0,)
+
+
+def test_late_joiner_gets_the_stop_state_on_hello():
+    """A rank that says HELLO after the decision is told the state at once."""
+    state = _state()
+    state.request_stop("why", "CRITICAL", "operator", 0.0)
+    replies = state.handle(_msg(Kind.HELLO, 1, inc=9, world=2, local_rank=1, pid=2, host="h"),
+                           b"new", 1.0)
+    assert [r.fields["k"] for r in replies] == [Kind.STOP_STATE]
+    assert replies[0].identity == b"new"
+
+
+def test_operator_needs_the_control_key():
+    """An operator stop request without the key is refused and counted; with it, it stops."""
+    state = _state()
+    refused = state.handle(_msg(Kind.STOP_REQUEST, -1, 0, reason="x", sev="CRITICAL", key="bad"),
+                           b"op", 0.0)
+    assert refused[0].fields["k"] == Kind.REFUSED and state.stop.state is None
+    assert state.rejected_by_reason["bad_control_key"] == 1
+    accepted = state.handle(_msg(Kind.STOP_REQUEST, -1, 0, reason="x", sev="CRITICAL", key="k"),
+                            b"op", 0.0)
+    assert accepted[-1].fields["k"] == Kind.STOP_STATE and state.stop.state.source == "operator"
+
+
+def test_out_of_range_ranks_are_refused():
+    """A rank number outside [0, 65536) is refused as bad_rank."""
+    state = _state(world=1)
+    state.handle(_msg(Kind.HEARTBEAT, -5, step=1, t=0.0), b"x", 0.0)
+    state.handle(_msg(Kind.HEARTBEAT, 10**7, step=1, t=0.0), b"x", 0.0)
+    assert state.rejected_by_reason["bad_rank"] == 2
+
+
+def test_bye_is_acknowledged_and_closes_the_rank():
+    """BYE marks the rank closed and answers with an ACK flagged bye."""
+    state = _state(world=1)
+    state.handle(_batch(0, 1, [0], {"a": [1.0]}), b"id0", 0.0)
+    replies = state.handle(_msg(Kind.BYE, 0, seq=1, step=0), b"id0", 0.0)
+    assert replies[0].fields["k"] == Kind.ACK and replies[0].fields["bye"] is True
+    assert state.ranks.get(0).closed and state.ranks.live() == []
+
+
+def test_a_silent_rank_does_not_stall_aggregates():
+    """With one rank silent, steps still complete once they are old enough; finish() flushes."""
+    state = _state()
+    for seq, step in enumerate(range(0, 100), start=1):
+        state.handle(_batch(0, seq, [step], {"a": [1.0]}), b"id0", 0.0)
+    series = state.store.find("a", -1)
+    assert series is not None and state.store.count(series) > 0
+    state.finish(1.0)
+    assert state.store.count(series) == 100
