@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -199,3 +200,60 @@ def test_disabled_monitor_is_a_no_op(tmp_path):
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "rlmon_out").exists()
+
+
+def test_sigterm_reaches_the_ranks_and_reports_are_still_written(tmp_path):
+    """SIGTERM to `rlmon launch` ends torchrun's ranks; the collector still writes the reports."""
+    out, job = _launch_toy(tmp_path, "--steps", "100000", "--step-seconds", "0.005")
+    try:
+        info = wait_for(lambda: read_json(out / "collector.json"), 120, "collector.json")
+        scrape_until(info["metrics_url"], lambda t: (sample_value(
+            t, "rlmon_rank_last_step", rank="1") or 0) > 5, 120, "both ranks training")
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        stop_process(job)
+    assert job.returncode != 0, output
+    report = read_json(out / "training_report.json")
+    assert report["summary"]["total_iterations"] > 5
+    assert (out / "training_report.md").exists()
+    assert not any((tmp_path / "ranks").glob("rank*.json")), "ranks were killed mid-loop"
+
+
+def test_training_survives_the_collector_dying(tmp_path):
+    """kill -9 of the collector mid-run: both ranks finish every step and exit 0."""
+    with running_collector(tmp_path / "run") as (collector, info):
+        command = [*torchrun_command(2), str(TOY_TRAINER), "--out", str(tmp_path / "ranks"),
+                   "--steps", "300", "--step-seconds", "0.005"]
+        job = subprocess.Popen(command, env=child_env(RLMON_ENDPOINT=info["endpoint"]),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            scrape_until(info["metrics_url"], lambda t: (sample_value(
+                t, "rlmon_rank_last_step", rank="0") or 0) > 20, 120, "rank 0 past step 20")
+            collector.kill()
+            output, _ = job.communicate(timeout=240)
+        finally:
+            stop_process(job)
+    assert job.returncode == 0, output
+    for rank in _rank_results(tmp_path):
+        assert rank["last_step"] == 299
+        print("close() after the collector died took", rank["close_seconds"], "s")
+
+
+def test_report_rebuilds_from_the_event_log(tmp_path):
+    """`rlmon report DIR` rewrites the reports offline, stop decision included."""
+    out, job = _launch_toy(tmp_path, "--steps", "300", "--kl-spike-at", "20")
+    try:
+        job.communicate(timeout=240)
+    finally:
+        stop_process(job)
+    original = read_json(out / "training_report.json")
+    for name in ("training_report.json", "training_report.md"):
+        (out / name).unlink()
+    rebuilt = subprocess.run([*rlmon_command(), "report", str(out)], env=child_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    report = read_json(out / "training_report.json")
+    assert report["summary"]["stop"]["stop_at_step"] == original["summary"]["stop"]["stop_at_step"]
+    assert report["metrics"]["reward"]["count"] == original["metrics"]["reward"]["count"]
+    assert report["summary"]["stop_reason"] == original["summary"]["stop_reason"]
