@@ -145,13 +145,16 @@ class StepAggregator:
         ValueError for a rank outside ``[0, world_size)``; TypeError for a non-str metric or a
         non-integer rank/step.
         """
-        self._record(self._steps_of(metric), self._check_rank(rank), operator.index(step), float(value))
+        state = self._steps_of(metric)
+        self._record(state, self._check_rank(rank), operator.index(step), float(value))
 
-    def add_block(self, rank: int, metrics: Sequence[str], steps: np.ndarray, values: np.ndarray) -> None:
-        """Record ``values[i, j]`` from ``rank`` for ``(metrics[j], steps[i])``, every ``i`` and ``j``.
+    def add_block(self, rank: int, metrics: Sequence[str], steps: np.ndarray,
+                  values: np.ndarray) -> None:
+        """Record ``values[i, j]`` from ``rank`` for ``(metrics[j], steps[i])``, all ``i`` and ``j``.
 
         ``steps`` integer ``(n,)``, ``values`` float ``(n, k)`` with ``k == len(metrics)``.
-        ValueError on mismatched shapes or a bad rank (nothing is recorded then).
+        Nothing is recorded on an error: ValueError for mismatched shapes or a bad rank,
+        TypeError for non-integer steps or a non-str metric.
         """
         rank = self._check_rank(rank)
         steps = np.asarray(steps)
@@ -159,10 +162,11 @@ class StepAggregator:
         if steps.dtype.kind not in "iu" or steps.ndim != 1:
             raise TypeError("steps must be a one-dimensional integer array")
         if values.shape != (steps.shape[0], len(metrics)):
-            raise ValueError(f"values has shape {values.shape}, expected ({steps.shape[0]}, {len(metrics)})")
+            expected = (steps.shape[0], len(metrics))
+            raise ValueError(f"values has shape {values.shape}, expected {expected}")
+        states = [self._steps_of(metric) for metric in metrics]
         step_list = steps.tolist()
-        for metric, column in zip(metrics, values.T.tolist()):
-            state = self._steps_of(metric)
+        for state, column in zip(states, values.T.tolist()):
             for step, value in zip(step_list, column):
                 self._record(state, rank, step, value)
 

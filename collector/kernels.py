@@ -20,6 +20,8 @@ batch.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -59,7 +61,7 @@ def ema_update(ema: float, x: float, alpha: float) -> float:
 
 @njit(cache=True)
 def first_bad_id(series_ids, n_series):
-    """Index of the first id outside ``[0, n_series)`` or seen earlier in ``series_ids``; -1 if none."""
+    """Index of the first id outside ``[0, n_series)`` or repeated in ``series_ids``; else -1."""
     seen = np.zeros(n_series, np.bool_)
     for j in range(series_ids.shape[0]):
         sid = series_ids[j]
@@ -91,7 +93,7 @@ def ring_append_block(values, steps, heads, counts, ema_short, ema_long, alpha_s
 
     ``series_ids`` int64 ``(k,)``, ``new_steps`` int64 ``(n,)``, ``new_values`` float64 ``(n, k)``.
     Returns -1 on success. If an id is outside ``[0, heads.shape[0])`` or repeated, nothing is
-    written and the column index of the first such id is returned.
+    written and the column index of the first such id is returned. Shapes and dtypes are trusted.
     """
     bad = first_bad_id(series_ids, heads.shape[0])
     if bad >= 0:
@@ -120,7 +122,7 @@ def ring_append_block(values, steps, heads, counts, ema_short, ema_long, alpha_s
 def ring_read(values, steps, heads, counts, sid, out_steps, out_values):
     """Copy the last ``m = min(len(out_values), counts[sid])`` points of row ``sid``, oldest first.
 
-    Writes ``out_steps[:m]`` and ``out_values[:m]`` and returns ``m``.
+    Writes ``out_steps[:m]`` and ``out_values[:m]`` and returns ``m``. ``sid`` must be a valid row.
     """
     width = values.shape[1]
     m = min(out_values.shape[0], counts[sid])
@@ -137,30 +139,52 @@ def ring_read(values, steps, heads, counts, sid, out_steps, out_values):
 
 
 @njit(cache=True)
-def moments(x, out):
+def magnitude_scale(sorted_x):
+    """A power of two to divide the ascending ``sorted_x`` by before summing squares.
+
+    1.0 when the largest magnitude lies in ``[2**-500, 2**500)`` (or is 0); otherwise about that
+    magnitude, clamped to ``[2**-1000, 2**1023]``, so squares of values near the float64 limits
+    neither overflow nor underflow. Scaling by a power of two is exact.
+    """
+    largest = max(abs(sorted_x[0]), abs(sorted_x[-1]))
+    if largest == 0.0 or 2.0**-500 <= largest < 2.0**500:
+        return 1.0
+    return math.ldexp(1.0, max(math.frexp(largest)[1] - 1, -1000))
+
+
+@njit(cache=True)
+def moments(x, scale, out):
     """Write the mean and population std of ``x`` (finite, non-empty) into ``out``.
 
-    The mean is taken relative to ``x[0]`` and the variance by the corrected two-pass formula, so
-    a constant window gives its value and a std of exactly 0.
+    Works on ``x / scale`` (see :func:`magnitude_scale`), relative to ``x[0]``, with the corrected
+    two-pass variance: a constant window gives its value and a std of exactly 0.
     """
     m = x.shape[0]
+    inv = 1.0 / scale
+    first = x[0] * inv
     total = 0.0
     for i in range(m):
-        total += x[i] - x[0]
-    mean = x[0] + total / m
+        total += x[i] * inv - first
+    mean = first + total / m
     dev = 0.0
     sq = 0.0
     for i in range(m):
-        d = x[i] - mean
+        d = x[i] * inv - mean
         dev += d
         sq += d * d
-    out[STAT_MEAN] = mean
-    out[STAT_STD] = np.sqrt(max(sq - dev * dev / m, 0.0) / m)
+    out[STAT_MEAN] = mean * scale
+    out[STAT_STD] = np.sqrt(max(sq - dev * dev / m, 0.0) / m) * scale
 
 
 @njit(cache=True)
 def lerp(a, b, t):
-    """NumPy's linear interpolation between ``a`` and ``b`` (exact at both ends)."""
+    """NumPy's linear interpolation between ``a`` and ``b`` (exact at both ends).
+
+    Ends of magnitude 2**1022 or more, where ``b - a`` could overflow, are weighed instead
+    (NumPy returns an infinity there).
+    """
+    if abs(a) >= 2.0**1022 or abs(b) >= 2.0**1022:
+        return a * (1.0 - t) + b * t
     diff = b - a
     if t >= 0.5:
         return b - diff * (1.0 - t)
@@ -169,7 +193,7 @@ def lerp(a, b, t):
 
 @njit(cache=True)
 def quantile(sorted_x, q):
-    """The ``q`` quantile of the ascending, non-empty ``sorted_x``, interpolated like NumPy's default."""
+    """The ``q`` quantile of the ascending, non-empty ``sorted_x`` (NumPy's default method)."""
     pos = (sorted_x.shape[0] - 1) * q
     lo = int(np.floor(pos))
     hi = min(lo + 1, sorted_x.shape[0] - 1)
@@ -178,7 +202,7 @@ def quantile(sorted_x, q):
 
 @njit(cache=True)
 def order_stats(sorted_x, out):
-    """Write min, max, median, p25, p75 and p90 of the ascending, non-empty ``sorted_x`` into ``out``."""
+    """Write min, max, median, p25, p75 and p90 of the ascending, non-empty ``sorted_x``."""
     out[STAT_MIN] = sorted_x[0]
     out[STAT_MAX] = sorted_x[-1]
     out[STAT_MEDIAN] = quantile(sorted_x, 0.5)
@@ -196,11 +220,13 @@ def step_offset(step, origin):
 
 
 @njit(cache=True)
-def slope(values, steps, mean):
+def slope(values, steps, mean, scale):
     """Least-squares slope of the finite ``values`` against ``steps``; NaN if undefined.
 
-    ``mean`` is the mean of the finite values. Steps are taken relative to the first finite
-    point's step before conversion to float, so huge step numbers keep their differences.
+    ``mean`` is the mean of the finite values; values are divided by the power of two ``scale``
+    (see :func:`magnitude_scale`).
+    Steps are taken relative to the first finite point's step before conversion to float, so
+    huge step numbers keep their differences.
     """
     origin = 0
     total = 0.0
@@ -214,14 +240,16 @@ def slope(values, steps, mean):
     if m < 2:
         return np.nan
     xmean = total / m
+    inv = 1.0 / scale
+    scaled_mean = mean * inv
     sxx = 0.0
     sxy = 0.0
     for i in range(values.shape[0]):
         if np.isfinite(values[i]):
             dx = step_offset(steps[i], origin) - xmean
             sxx += dx * dx
-            sxy += dx * (values[i] - mean)
-    return sxy / sxx if sxx > 0.0 else np.nan
+            sxy += dx * (values[i] * inv - scaled_mean)
+    return sxy / sxx * scale if sxx > 0.0 else np.nan
 
 
 @njit(cache=True)
@@ -236,9 +264,10 @@ def series_stats(values_chrono, steps_chrono, finite_sorted, out):
     out[STAT_COUNT] = finite_sorted.shape[0]
     if finite_sorted.shape[0] == 0:
         return
-    moments(finite_sorted, out)
+    scale = magnitude_scale(finite_sorted)
+    moments(finite_sorted, scale, out)
     order_stats(finite_sorted, out)
-    out[STAT_SLOPE] = slope(values_chrono, steps_chrono, out[STAT_MEAN])
+    out[STAT_SLOPE] = slope(values_chrono, steps_chrono, out[STAT_MEAN], scale)
 
 
 def window_stats(values_chrono: np.ndarray, steps_chrono: np.ndarray, out: np.ndarray) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import zmq
 
+from collector import kernels
 from collector.eventlog import EventLog
 from collector.snapshot import Alert, CollectorSnapshot, StopSnapshot
 from collector.state import CollectorState, Reply, StateConfig
@@ -88,6 +89,7 @@ class CollectorService:
         write ``collector.json`` (the ready signal)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._claim_directory()
+        kernels.warm_up()  # compile or load the Numba cache before declaring readiness
         self._event_log = EventLog(self.out_dir)
         self._alerts_file = open(self.out_dir / "alerts.jsonl", "a", buffering=1, encoding="utf-8")
         self._bind()

@@ -33,7 +33,7 @@ _INT64_MAX = 2**63 - 1
 
 
 class _Rings(NamedTuple):
-    """The store's arrays, in the argument order of the ring kernels (see :mod:`collector.kernels`)."""
+    """The store's arrays, in the argument order of the ring kernels (:mod:`collector.kernels`)."""
 
     values: np.ndarray
     steps: np.ndarray
@@ -48,10 +48,10 @@ class _Rings(NamedTuple):
 
 
 class SeriesLimitError(Exception):
-    """A new series would exceed the store's ``max_series``; carries ``metric``, ``rank``, ``limit``."""
+    """A new series would pass the store's ``max_series``; carries ``metric``, ``rank``, ``limit``."""
 
     def __init__(self, metric: str, rank: int, limit: int) -> None:
-        super().__init__(f"cannot add series ({metric!r}, rank {rank}): limit of {limit} series reached")
+        super().__init__(f"cannot add series ({metric!r}, rank {rank}): limit of {limit} reached")
         self.metric = metric
         self.rank = rank
         self.limit = limit
@@ -73,7 +73,8 @@ class RingStore:
         self._alpha_long = 2.0 / (_positive(ema_long_span, "ema_long_span") + 1)
         self._ids: dict[tuple[str, int], int] = {}
         self._keys: list[tuple[str, int]] = []
-        self._arrays = _allocate(min(self._max_series, _FIRST_ROWS), min(self._capacity, _FIRST_WIDTH))
+        rows, width = min(self._max_series, _FIRST_ROWS), min(self._capacity, _FIRST_WIDTH)
+        self._arrays = _allocate(rows, width)
         self._live = self._arrays.rows(0)
         self._one_id = np.zeros(1, np.int64)
         self._one_step = np.zeros(1, np.int64)
@@ -144,10 +145,12 @@ class RingStore:
         steps = _as_array(steps, np.int64, 1, "steps")
         values = _as_array(values, np.float64, 2, "values")
         if values.shape != (steps.shape[0], ids.shape[0]):
-            raise ValueError(f"values has shape {values.shape}, expected ({steps.shape[0]}, {ids.shape[0]})")
+            expected = (steps.shape[0], ids.shape[0])
+            raise ValueError(f"values has shape {values.shape}, expected {expected}")
         if self._arrays.values.shape[1] < self._capacity:
             self._fit_width(kernels.ring_required_width(self._live.counts, ids, steps.shape[0]))
-        bad = kernels.ring_append_block(*self._live, self._alpha_short, self._alpha_long, ids, steps, values)
+        bad = kernels.ring_append_block(*self._live, self._alpha_short, self._alpha_long,
+                                        ids, steps, values)
         if bad >= 0:
             self._raise_bad_id(int(ids[bad]), bad)
 

@@ -75,4 +75,5 @@ def _start(config: RankConfig) -> Monitor | NullMonitor:
     except Exception as exc:  # no collector dependencies, say: train anyway
         log.warning("rlmon: could not start a local collector (%s); monitoring is off", exc)
         return NullMonitor(config)
-    return Monitor(config, embedded.endpoint, on_close=embedded.finalize)
+    return Monitor(config, embedded.endpoint, on_close=embedded.finalize,
+                   before_close=embedded.wait_until_ready)

@@ -9,11 +9,13 @@ a bounded time.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from rlmon.config import RankConfig
 
 #: Seconds ``close()`` waits for the embedded collector to write its final reports.
 FINALIZE_TIMEOUT = 60.0
+#: Seconds ``close()`` waits for a collector that is still starting (compiling its kernels).
+READY_TIMEOUT = 60.0
 
 
 @dataclass(slots=True)
@@ -30,6 +34,19 @@ class EmbeddedCollector:
     process: subprocess.Popen
     endpoint: str
     out_dir: Path
+
+    def wait_until_ready(self, timeout: float = READY_TIMEOUT) -> bool:
+        """Wait (bounded) until the collector has bound its socket, so the last batches and the
+        goodbye are delivered rather than dropped at close. False if it never became ready."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                if json.loads((self.out_dir / "collector.json").read_text()).get("pid") == self.process.pid:
+                    return True
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        return False
 
     def finalize(self) -> None:
         """Ask the collector to finish (SIGTERM: it drains, writes reports, exits) and wait."""

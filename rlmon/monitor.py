@@ -32,7 +32,8 @@ class Monitor:
     Thread affinity: call from the training thread. Every method returns quickly and never raises
     because of the collector (absent, slow, dead); see each method for its cost."""
 
-    def __init__(self, config: RankConfig, endpoint: str, on_close: Callable[[], None] | None = None):
+    def __init__(self, config: RankConfig, endpoint: str, on_close: Callable[[], None] | None = None,
+                 before_close: Callable[[], object] | None = None):
         self.config = config
         self.rank = config.rank
         self.local_rank = config.local_rank
@@ -40,6 +41,7 @@ class Monitor:
         self.run_id = config.run_id
         self.endpoint = endpoint
         self._on_close = on_close
+        self._before_close = before_close
         self._publisher = Publisher(config, endpoint)
         self._pending = self._publisher.pending
         self._max_pending = config.max_pending
@@ -167,6 +169,8 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        if self._before_close is not None:
+            self._before_close()
         self._publisher.close()
         if self._on_close is not None:
             self._on_close()

@@ -23,11 +23,12 @@ def ref_ema(values: list[float], alpha: float, ema: float = math.nan) -> float:
 
 
 def ref_percentile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (NumPy's default) of an ascending, non-empty list."""
-    pos = (len(sorted_values) - 1) * q
+    """Linear-interpolation percentile (NumPy's default) of an ascending, non-empty list, exactly."""
+    pos = (len(sorted_values) - 1) * Fraction(q)
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+    a, b = Fraction(sorted_values[lo]), Fraction(sorted_values[hi])
+    return float(a + (b - a) * (pos - lo))
 
 
 def ref_slope(steps: list[int], values: list[float]) -> float:
@@ -51,8 +52,9 @@ def ref_window_stats(steps: list[int], values: list[float]) -> dict[str, float]:
         return dict(count=0, mean=nan, std=nan, min=nan, max=nan, median=nan,
                     p25=nan, p75=nan, p90=nan, slope=nan)
     return dict(
-        count=len(finite), mean=statistics.fmean(finite), std=statistics.pstdev(finite),
-        min=finite[0], max=finite[-1], median=statistics.median(finite),
+        count=len(finite), mean=float(sum(map(Fraction, finite)) / len(finite)),
+        std=statistics.pstdev(finite),
+        min=finite[0], max=finite[-1], median=ref_percentile(finite, 0.5),
         p25=ref_percentile(finite, 0.25), p75=ref_percentile(finite, 0.75),
         p90=ref_percentile(finite, 0.9), slope=ref_slope(steps, values),
     )
