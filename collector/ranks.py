@@ -21,7 +21,8 @@ class RankInfo:
     host: str = ""
     pid: int = 0
     incarnation: int = 0
-    identity: bytes | None = None
+    identities: dict[int, bytes] = field(default_factory=dict)
+    """Routing identity of each open incarnation (a forked worker that logs is one more)."""
     last_step: int = -1
     last_seen: float = 0.0
     batches: int = 0
@@ -29,10 +30,27 @@ class RankInfo:
     last_seq: dict[int, int] = field(default_factory=dict)
     ledger_dropped: dict[str, int] = field(default_factory=dict)
     emitted: int = 0
-    closed: bool = False
     steps_per_second: float = math.nan
     lag_seconds: float = 0.0
     _rate_anchor: tuple[int, float] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True when every incarnation of this rank has said goodbye."""
+        return not self.identities
+
+    def connect(self, incarnation: int, identity: bytes | None) -> None:
+        """Remember where an incarnation of this rank can be reached (at most 16 kept)."""
+        if identity is None:
+            identity = self.identities.get(incarnation, b"")
+        self.identities.pop(incarnation, None)
+        self.identities[incarnation] = identity
+        while len(self.identities) > 16:
+            del self.identities[next(iter(self.identities))]
+
+    def disconnect(self, incarnation: int) -> None:
+        """An incarnation said goodbye."""
+        self.identities.pop(incarnation, None)
 
     def observe_steps(self, steps: list[int], times: list[float]) -> None:
         """Update the last step and the step rate from a block's steps and their send times."""

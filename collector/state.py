@@ -112,7 +112,6 @@ class CollectorState:
         info = self._touch(message, identity, now)
         fields = message.fields
         info.local_rank, info.pid, info.host = fields["local_rank"], fields["pid"], fields["host"][:128]
-        info.closed = False
         if self.world_size < fields["world"] <= MAX_RANKS:
             self._widen_world(fields["world"])
         return self._stop_state_for(info.rank, identity)
@@ -142,7 +141,7 @@ class CollectorState:
     def _on_bye(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)
         self._read_ledger(info, message.fields.get("ledger"))
-        info.closed = True
+        info.disconnect(message.inc)
         if identity is None:
             return []
         seq = info.last_seq.get(message.inc, 0)
@@ -205,9 +204,9 @@ class CollectorState:
             return []
         replies = []
         for rank in self.stop.due(self.ranks.live(), now):
-            identity = self.ranks.ranks[rank].identity
-            if identity is not None:
-                replies.append(Reply(identity, self._stop_message(state)))
+            for identity in self.ranks.ranks[rank].identities.values():
+                if identity:
+                    replies.append(Reply(identity, self._stop_message(state)))
         return replies
 
     def _announce(self, state: StopSnapshot | None) -> list[Reply]:
@@ -229,8 +228,8 @@ class CollectorState:
         info = self.ranks.get(message.rank)
         info.last_seen = now
         info.incarnation = message.inc
-        if identity is not None:
-            info.identity = identity
+        if message.kind is not Kind.BYE:
+            info.connect(message.inc, identity)
         return info
 
     def _read_ledger(self, info, ledger: Any) -> None:

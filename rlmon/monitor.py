@@ -185,11 +185,27 @@ class Monitor:
         return wire.envelope(kind, self.run_id, self.rank, self._publisher.incarnation, **fields)
 
     def _restart_after_fork(self) -> None:
-        """In a forked child: drop the inherited sender and start a fresh one (new incarnation)."""
-        self._publisher.abandon()
-        self._publisher = Publisher(self.config, self.endpoint)
+        """In a forked child (a DataLoader worker, say): forget the inherited sender without
+        touching it (its thread does not exist here and its ZeroMQ context must not be used) and
+        prepare a fresh one, with a new incarnation, that starts only if the child logs."""
+        self._publisher = Publisher(self.config, self.endpoint, start=False)
         self._pending = self._publisher.pending
-        self._closed = False
+        self.log = self._log_in_forked_child
+        self.log_samples = self._log_samples_in_forked_child
+
+    def _start_child_sender(self) -> None:
+        del self.log, self.log_samples  # back to the class's methods
+        self._publisher.start()
+
+    def _log_in_forked_child(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._start_child_sender()
+        self.log(step, metrics)
+
+    def _log_samples_in_forked_child(self, step: int, prompts: Sequence[str],
+                                     responses: Sequence[str],
+                                     rewards: Sequence[float] | None = None) -> None:
+        self._start_child_sender()
+        self.log_samples(step, prompts, responses, rewards)
 
 
 class NullMonitor:

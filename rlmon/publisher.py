@@ -71,7 +71,7 @@ class Publisher:
     """Queues and a background sender for one process. Thread affinity: ``pending``, ``samples``
     and ``outbox`` are appended to by the training thread; everything else runs on the sender."""
 
-    def __init__(self, config: RankConfig, endpoint: str) -> None:
+    def __init__(self, config: RankConfig, endpoint: str, start: bool = True) -> None:
         self.config = config
         self.endpoint = endpoint
         self.incarnation = random.getrandbits(31)
@@ -86,7 +86,13 @@ class Publisher:
         self._bye_acked = threading.Event()
         self._last_send = 0.0
         self._thread = threading.Thread(target=self._run, name="rlmon-publisher", daemon=True)
-        self._thread.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the sender thread (once)."""
+        if not self._thread.is_alive() and not self._closing.is_set():
+            self._thread.start()
 
     # -- called from the training thread -------------------------------------------------------
 
@@ -95,12 +101,8 @@ class Publisher:
         if self._closing.is_set():
             return
         self._closing.set()
-        self._thread.join(self.config.close_timeout + 0.4)
-
-    def abandon(self) -> None:
-        """Forget the sender without touching its socket (used in a forked child, where the
-        inherited ZeroMQ context must not be used or closed)."""
-        self._closing.set()
+        if self._thread.ident is not None:
+            self._thread.join(self.config.close_timeout + 0.4)
 
     # -- the sender thread ---------------------------------------------------------------------
 

@@ -150,3 +150,27 @@ def test_null_monitor_has_the_same_methods():
     null = NullMonitor()
     null.log(0, {"a": math.nan})
     assert null.should_stop(10**9) is False
+
+
+def test_forked_child_starts_no_sender_until_it_logs():
+    """A fork (DataLoader worker) gets a fresh, idle sender: no thread until the child logs."""
+    import os
+    import threading
+
+    mon = _idle_monitor()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report thread counts before and after logging, then leave
+        try:
+            before = threading.active_count()
+            mon.log(1, {"a": 1.0})
+            after = threading.active_count()
+            os.write(write_end, f"{before} {after} {mon._publisher.incarnation}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    before, after, incarnation = os.read(read_end, 100).decode().split()
+    os.waitpid(pid, 0)
+    mon.close()
+    assert (int(before), int(after)) == (1, 2)
+    assert int(incarnation) != mon._publisher.incarnation
