@@ -8,6 +8,8 @@ from types import MappingProxyType
 
 from collector.snapshot import RankSnapshot
 
+#: Shortest stretch of a rank's clock over which its step rate is measured.
+RATE_WINDOW_SECONDS = 0.5
 #: Weight of the newest observation in the step-rate and lag moving averages.
 _SMOOTHING = 0.3
 
@@ -53,16 +55,26 @@ class RankInfo:
         self.identities.pop(incarnation, None)
 
     def observe_steps(self, steps: list[int], times: list[float]) -> None:
-        """Update the last step and the step rate from a block's steps and their send times."""
+        """Update the last step and the step rate from a block's steps and their log times.
+
+        The rate is measured over at least ``RATE_WINDOW_SECONDS`` of the rank's own clock, so
+        two records logged microseconds apart (a span, then the step's metrics) never read as a
+        burst of thousands of steps per second."""
         if not steps:
             return
         self.last_step = max(self.last_step, max(steps))
+        step, when = max(steps), times[-1]
         anchor = self._rate_anchor
-        if anchor is not None and times[-1] > anchor[1] and steps[-1] > anchor[0]:
-            rate = (steps[-1] - anchor[0]) / (times[-1] - anchor[1])
-            old = self.steps_per_second
-            self.steps_per_second = rate if math.isnan(old) else old + _SMOOTHING * (rate - old)
-        self._rate_anchor = (steps[-1], times[-1])
+        if anchor is None or step < anchor[0]:
+            self._rate_anchor = (step, when)
+            return
+        elapsed = when - anchor[1]
+        if elapsed < RATE_WINDOW_SECONDS:
+            return
+        rate = (step - anchor[0]) / elapsed
+        old = self.steps_per_second
+        self.steps_per_second = rate if math.isnan(old) else old + _SMOOTHING * (rate - old)
+        self._rate_anchor = (step, when)
 
     def observe_lag(self, sent_at: float, received_at: float) -> None:
         """Track how long batches take from the rank's clock to the collector's (never < 0)."""

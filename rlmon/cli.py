@@ -89,7 +89,8 @@ def _add_demo(commands) -> None:
     sub.add_argument("--out", type=Path, default=Path("rlmon_demo_out"), help="run directory")
     sub.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     sub.add_argument("train_args", nargs=argparse.REMAINDER,
-                     help="flags for the training script after --, e.g. -- --inject none")
+                     help="flags for the training script after --, e.g. -- --inject none "
+                          f"(default: {' '.join(DEFAULT_DEMO_ARGS)})")
     sub.set_defaults(handler=_cmd_demo)
 
 
@@ -128,10 +129,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What ``rlmon demo`` trains with when given no flags: 200 GRPO steps, a KL blow-up from 150.
+DEFAULT_DEMO_ARGS = ("--inject", "kl_blowup", "--inject_step", "150")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from rlmon.launch import launch
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if not train_args:  # the full show: learning, then a KL blow-up, alerts and a coordinated stop
+        train_args = list(DEFAULT_DEMO_ARGS)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
                "-m", "rlmon.demo.train_grpo", *train_args]

@@ -46,6 +46,7 @@ class Monitor:
         self._pending = self._publisher.pending
         self._max_pending = config.max_pending
         self._closed = False
+        self._span_seconds: dict[str, float] = {}
         self._seen_offer: StopOffer | None = None
         self._stop_at: int | None = None
         self._stop_reason: str | None = None
@@ -64,6 +65,8 @@ class Monitor:
         if len(pending) >= self._max_pending:
             self._publisher.ledger.drop("closed" if self._closed else "queue_full")
             return
+        if self._span_seconds:
+            metrics = self._with_spans(metrics)
         try:
             if _PLAIN_TYPES.issuperset(map(type, metrics.values())):
                 pending.append((step, time.time(), metrics.copy()))
@@ -86,13 +89,25 @@ class Monitor:
 
     @contextlib.contextmanager
     def span(self, name: str) -> Iterator[None]:
-        """Time a phase; on exit logs ``span/<name>`` (seconds) at the last logged step."""
+        """Time a phase. The seconds it took are sent as ``span/<name>`` with the next ``log``
+        call's step (a phase repeated within one step adds up), so spans inside a step land on
+        that step; spans after the last ``log`` are sent at ``close``."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - started
-            self.log(max(self._publisher.current_step, 0), {f"span/{name}": elapsed})
+            key = f"span/{name}"
+            spans = self._span_seconds
+            spans[key] = spans.get(key, 0.0) + (time.perf_counter() - started)
+
+    def _with_spans(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """``metrics`` plus the pending span timings (which are then cleared)."""
+        try:
+            merged = {**metrics, **self._span_seconds}
+        except TypeError:  # not a mapping: let log() count it
+            return metrics
+        self._span_seconds = {}
+        return merged
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -168,6 +183,8 @@ class Monitor:
         little. Idempotent. An embedded collector is finalized (its reports written) here."""
         if self._closed:
             return
+        if self._span_seconds:
+            self.log(max(self._publisher.current_step, 0), {})
         self._closed = True
         if self._before_close is not None:
             self._before_close()

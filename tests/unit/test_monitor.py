@@ -174,3 +174,22 @@ def test_forked_child_starts_no_sender_until_it_logs():
     mon.close()
     assert (int(before), int(after)) == (1, 2)
     assert int(incarnation) != mon._publisher.incarnation
+
+
+def test_spans_land_on_the_next_logged_step():
+    """Phases timed inside a step are sent with that step's log call, summed per name."""
+    mon = _idle_monitor()
+    try:
+        mon.log(0, {"a": 1.0})
+        with mon.span("rollout"):
+            pass
+        with mon.span("rollout"):
+            pass
+        with mon.span("update"):
+            pass
+        mon.log(1, {"a": 2.0})
+        steps = [(item[0], sorted(item[2])) for item in mon._publisher.pending]
+        assert steps == [(0, ["a"]), (1, ["a", "span/rollout", "span/update"])]
+        assert mon._publisher.pending[1][2]["span/rollout"] >= 0.0
+    finally:
+        mon.close()

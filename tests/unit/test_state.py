@@ -135,3 +135,15 @@ def test_a_silent_rank_does_not_stall_aggregates():
     assert series is not None and state.store.count(series) > 0
     state.finish(1.0)
     assert state.store.count(series) == 100
+
+
+def test_step_rate_ignores_records_logged_microseconds_apart():
+    """A span record then the step's metrics, microseconds apart, do not inflate the step rate."""
+    from collector.ranks import RankInfo
+    info = RankInfo(rank=0)
+    t = 100.0
+    for step in range(40):  # 10 steps/s, each step sends two records 1 µs apart
+        info.observe_steps([step - 1 if step else 0], [t])
+        info.observe_steps([step], [t + 1e-6])
+        t += 0.1
+    assert 8.0 < info.steps_per_second < 12.0
