@@ -1,0 +1,28 @@
+"""The demo, as a user runs it: `rlmon demo` with torchrun, 2 ranks, a KL blow-up and a stop."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from tests.integration.helpers import child_env, read_json, rlmon_command
+
+
+def test_demo_stops_both_ranks_at_the_same_step(tmp_path):
+    """A quick demo with an injected KL blow-up: alert, coordinated stop, reports, exit 0."""
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [*rlmon_command(), "demo", "--out", str(out), "--",
+         "--quick", "--inject", "kl_blowup", "--inject_step", "4"],
+        env=child_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    stops = dict(re.findall(r"rank (\d): stopped at step (\d+)", output))
+    report = read_json(out / "training_report.json")
+    stop_at = report["summary"]["stop"]["stop_at_step"]
+    assert stops == {"0": str(stop_at), "1": str(stop_at)}, output
+    assert report["summary"]["early_stopped"] and "KL" in report["summary"]["stop_reason"]
+    assert "metrics at http://127.0.0.1:" in output
+    assert (out / "training_report.md").exists()
+    for name in ("reward", "kl", "rewards/check_answer", "span/rollout"):
+        assert report["metrics"][name]["count"] > 0, name
