@@ -30,7 +30,6 @@ def start_collector(out_dir: Path, run_id: str, collector_flags: Sequence[str]) 
     """Start ``python -m collector`` and wait for its ``collector.json``; return (process, info)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     info_path = out_dir / "collector.json"
-    info_path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "collector", *collector_flags, "--run-id", run_id,
                "--parent-pid", str(os.getpid()), "--quiet"]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -1,0 +1,72 @@
+"""The command line as a user meets it: rlmon collector, and what a training node imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.integration.helpers import child_env, read_json, rlmon_command, stop_process, wait_for
+
+
+def test_rank_side_imports_only_stdlib_pyzmq_and_msgpack():
+    """`import rlmon` and init() with RLMON_DISABLE pull in no numpy, numba, torch or Prometheus."""
+    script = ("import sys, rlmon\n"
+              "mon = rlmon.init(endpoint='tcp://127.0.0.1:1')\n"
+              "mon.log(0, {'a': 1.0}); mon.close()\n"
+              "heavy = {'numpy', 'numba', 'torch', 'prometheus_client', 'matplotlib'}\n"
+              "print(sorted(heavy & set(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_standalone_collector_prints_and_writes_its_endpoints(tmp_path):
+    """`rlmon collector --out DIR` prints its endpoints and writes collector.json with them."""
+    process = subprocess.Popen([*rlmon_command(), "collector", "--out", str(tmp_path)],
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        first_line = json.loads(process.stdout.readline())
+        info = wait_for(lambda: read_json(tmp_path / "collector.json"), 60, "collector.json")
+        assert info["endpoint"] == first_line["endpoint"]
+        assert info["metrics_url"] == first_line["metrics_url"]
+        assert info["pid"] == process.pid
+        assert info["endpoint"].startswith("tcp://127.0.0.1:")
+        assert info["metrics_url"].startswith("http://127.0.0.1:")
+        assert (tmp_path / "control.key").stat().st_mode & 0o077 == 0
+    finally:
+        assert stop_process(process) == 0
+    assert (tmp_path / "training_report.json").exists()
+
+
+def test_second_collector_on_the_same_directory_is_refused(tmp_path):
+    """Two collectors cannot share a run directory: the second exits with a clear error."""
+    first = subprocess.Popen([*rlmon_command(), "collector", "--out", str(tmp_path), "--quiet"],
+                             env=child_env())
+    try:
+        wait_for(lambda: read_json(tmp_path / "collector.json").get("pid") == first.pid, 60,
+                 "the first collector")
+        second = subprocess.run([*rlmon_command(), "collector", "--out", str(tmp_path)],
+                                env=child_env(), capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "another collector is using" in second.stderr
+    finally:
+        stop_process(first)
+
+
+def test_launch_without_a_command_is_a_usage_error(tmp_path):
+    """`rlmon launch --out DIR` with no command explains what is missing."""
+    result = subprocess.run([*rlmon_command(), "launch", "--out", str(tmp_path)], env=child_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "COMMAND" in result.stderr
+
+
+def test_launch_returns_the_command_exit_code(tmp_path):
+    """`rlmon launch` exits with the command's own exit code and still writes the reports."""
+    result = subprocess.run([*rlmon_command(), "launch", "--out", str(tmp_path), "--",
+                             sys.executable, "-c", "raise SystemExit(7)"],
+                            env=child_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 7, result.stderr
+    assert (tmp_path / "training_report.md").exists()
