@@ -47,7 +47,8 @@ class MetricSnapshot:
 
     ``aggregate`` holds the last completed step's cross-rank ``mean``, ``min`` and ``max``;
     ``aggregate_step`` is that step (-1 before the first). ``window`` is computed over the
-    cross-rank mean series. ``steps``/``values`` are that series, chronological, read-only copies.
+    cross-rank mean series. ``steps``/``values`` are that series, chronological, read-only copies
+    (empty in live snapshots).
     """
 
     name: str
@@ -58,6 +59,10 @@ class MetricSnapshot:
     window: SeriesStats
     steps: np.ndarray
     values: np.ndarray
+    history_by_rank: Mapping[int, tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=lambda: _EMPTY)
+    """Each rank's own series as (steps, values), chronological; filled only in snapshots taken
+    with history (reports and plots), empty in the live snapshots behind /metrics."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -389,15 +389,18 @@ class CollectorState:
         if aggregate_series is None:  # no step completed yet: describe rank 0's series instead
             aggregate_series = self.store.find(name, min(last_by_rank, default=0))
         stats = self.store.window_stats(aggregate_series, None if with_history else window)
+        by_rank = {}
         if with_history:
             steps, values = self.store.history(aggregate_series)
+            by_rank = {rank: self.store.history(self.store.find(name, rank))
+                       for rank in last_by_rank}
         else:
             steps, values = np.empty(0, np.int64), np.empty(0, np.float64)
         step, mean, low, high = self.last_aggregate.get(name, (-1, math.nan, math.nan, math.nan))
         return MetricSnapshot(name, MappingProxyType(last_by_rank),
                               MappingProxyType(last_step_by_rank),
                               MappingProxyType({"mean": mean, "min": low, "max": high}), step,
-                              stats, steps, values)
+                              stats, steps, values, MappingProxyType(by_rank))
 
 
 _HANDLERS = {
