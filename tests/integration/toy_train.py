@@ -5,7 +5,11 @@ rank that left the loop early would hang the other one (the tests would then tim
 ``<out>/rank<N>.json`` with the last step and the stop reason.
 
 Flags: --steps N, --kl-spike-at S (KL jumps to 1.0 from step S), --step-seconds X (work per step,
-as a wall-clock pace), --slow-rank R (that rank takes 3x as long per step).
+as a wall-clock pace), --slow-rank R (that rank takes 3x as long per step), --rl-metrics (also log
+the metric names an RL dashboard shows: ``rewards/format``, ``rewards/answer``, ``policy_loss``,
+``value_loss``, ``clip_fraction``, ``entropy``, ``response_length``), --bad-values-at S (at step S
+the last rank also logs a NaN, ``nan_probe``, and a value ``log`` cannot read, ``bad_probe``, which
+the rank drops and counts as ``bad_value``).
 """
 
 import argparse
@@ -26,6 +30,8 @@ def main() -> None:
     parser.add_argument("--kl-spike-at", type=int, default=-1)
     parser.add_argument("--step-seconds", type=float, default=0.01)
     parser.add_argument("--slow-rank", type=int, default=-1)
+    parser.add_argument("--rl-metrics", action="store_true")
+    parser.add_argument("--bad-values-at", type=int, default=-1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -41,8 +47,14 @@ def main() -> None:
         grad = torch.tensor([float(step + rank)])
         dist.all_reduce(grad)
         kl = 1.0 if 0 <= args.kl_spike_at <= step else 0.01 + 0.001 * rank
-        mon.log(step, {"reward": step / args.steps, "kl": kl, "loss": 1.0 / (step + 1),
-                       "grad": grad[0]})
+        metrics = {"reward": step / args.steps, "kl": kl, "loss": 1.0 / (step + 1),
+                   "grad": grad[0]}
+        if args.rl_metrics:
+            metrics.update(rl_metrics(step / args.steps, rank))
+        mon.log(step, metrics)
+        if step == args.bad_values_at and rank == dist.get_world_size() - 1:
+            mon.log(step, {"nan_probe": float("nan")})
+            mon.log(step, {"bad_probe": torch.ones(2)})  # not a scalar: dropped, counted
         last = step
         if mon.should_stop(step):
             reason = mon.stop_reason
@@ -55,6 +67,15 @@ def main() -> None:
         {"last_step": last, "reason": reason, "close_seconds": close_seconds,
          "stats": mon.statistics(), "pid": os.getpid()}))
     dist.destroy_process_group()
+
+
+def rl_metrics(progress: float, rank: int) -> dict[str, float]:
+    """GRPO/PPO-style metrics at ``progress`` (0..1) of the run: smooth, finite, rank-dependent."""
+    return {"rewards/format": min(1.0, 2 * progress), "rewards/answer": 0.5 * progress,
+            "policy_loss": 0.1 - 0.05 * progress + 0.001 * rank,
+            "value_loss": 1.0 / (1 + 10 * progress),
+            "clip_fraction": 0.2 * (1 - progress), "entropy": 2.0 - progress,
+            "response_length": 64.0 + 32 * progress + rank}
 
 
 if __name__ == "__main__":
