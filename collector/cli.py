@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -36,6 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ranks expected (ranks also announce it themselves)")
     parser.add_argument("--kl-threshold", type=float, default=0.1,
                         help="KL warning threshold; twice it is critical and stops the run")
+    parser.add_argument("--reward-hack-threshold", type=float, default=0.3,
+                        help="relative quality fall, while reward rises, that warns (twice it: critical)")
+    parser.add_argument("--window-size", type=int, default=50, help="reward-hacking trend window, steps")
+    parser.add_argument("--sample-size", type=int, default=10, help="baseline prompts for forgetting")
+    parser.add_argument("--comparison-frequency", type=int, default=5,
+                        help="steps between forgetting comparisons")
+    parser.add_argument("--degradation-threshold", type=float, default=0.7,
+                        help="similarity to baseline below which a sample is degraded")
+    parser.add_argument("--rules", type=Path, default=None,
+                        help="a TOML or YAML file of detector rules ([rules.<detector>] tables)")
+    parser.add_argument("--rule", action="append", default=[], metavar="DETECTOR.KEY=VALUE",
+                        help="override one rule setting, e.g. kl.critical_above=0.3 (repeatable)")
     parser.add_argument("--capacity", type=int, default=10_000, help="points kept per series")
     parser.add_argument("--max-series", type=int, default=4_096, help="most (metric, rank) series")
 
@@ -51,7 +64,13 @@ def collector_args(args: argparse.Namespace) -> list[str]:
     return ["--out", str(args.out), "--endpoint", args.endpoint, "--metrics-host", args.metrics_host,
             "--metrics-port", str(args.metrics_port), "--world-size", str(args.world_size),
             "--kl-threshold", str(args.kl_threshold), "--capacity", str(args.capacity),
-            "--max-series", str(args.max_series)]
+            "--max-series", str(args.max_series),
+            "--reward-hack-threshold", str(args.reward_hack_threshold),
+            "--window-size", str(args.window_size), "--sample-size", str(args.sample_size),
+            "--comparison-frequency", str(args.comparison_frequency),
+            "--degradation-threshold", str(args.degradation_threshold),
+            *(["--rules", str(args.rules)] if args.rules else []),
+            *[item for rule in args.rule for item in ("--rule", rule)]]
 
 
 def build_service(args: argparse.Namespace) -> CollectorService:
@@ -61,10 +80,30 @@ def build_service(args: argparse.Namespace) -> CollectorService:
 
     state = StateConfig(run_id=args.run_id or uuid.uuid4().hex[:12], world_size=args.world_size,
                         capacity=args.capacity, max_series=args.max_series,
-                        kl_threshold=args.kl_threshold, control_key=new_control_key())
+                        kl_threshold=args.kl_threshold, control_key=new_control_key(),
+                        rules=rules_from_args(args), window_size=args.window_size,
+                        sample_size=args.sample_size,
+                        comparison_frequency=args.comparison_frequency,
+                        degradation_threshold=args.degradation_threshold)
     return CollectorService(ServiceConfig(
         out_dir=args.out, endpoint=args.endpoint, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port, parent_pid=getattr(args, "parent_pid", 0), state=state))
+
+
+def rules_from_args(args: argparse.Namespace) -> dict:
+    """The detector rules: defaults, the seeds' thresholds, then --rules FILE, then --rule flags.
+    Raises ConfigError naming the bad key."""
+    from collector.rules import DEFAULT_RULES, kl_rule, load_rules
+
+    base = dict(DEFAULT_RULES)
+    base["kl"] = kl_rule(args.kl_threshold)
+    hack = args.reward_hack_threshold
+    if not hack > 0:
+        raise ConfigError("--reward-hack-threshold", "must be > 0")
+    base["reward_hacking"] = replace(base["reward_hacking"], warning_above=hack,
+                                     critical_above=2 * hack)
+    base["forgetting"] = replace(base["forgetting"], warning_below=args.degradation_threshold)
+    return load_rules(args.rules, args.rule, base=base)
 
 
 def run_collector(args: argparse.Namespace) -> int:
@@ -132,6 +171,11 @@ def _check_positive(args: argparse.Namespace) -> None:
         raise ConfigError("--max-series", "must be >= 1")
     if not args.kl_threshold > 0:
         raise ConfigError("--kl-threshold", "must be > 0")
+    for flag in ("window_size", "sample_size", "comparison_frequency"):
+        if getattr(args, flag) < 1:
+            raise ConfigError("--" + flag.replace("_", "-"), "must be >= 1")
+    if not 0 < args.degradation_threshold <= 1:
+        raise ConfigError("--degradation-threshold", "must be in (0, 1]")
 
 
 def main(argv: list[str] | None = None) -> int:

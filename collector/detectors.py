@@ -368,3 +368,53 @@ class SampleComparator:
     def similarity_series(self) -> np.ndarray:
         """Every similarity so far, oldest first (a quality signal for reward hacking)."""
         return np.fromiter(self.similarities, dtype=np.float64, count=len(self.similarities))
+
+
+# -- ranks -----------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class RankWatch:
+    """What the rank scores remember between ticks: the step each rank was last seen advancing
+    (and when, on the collector's clock) and the drops already reported."""
+
+    progress: dict[int, tuple[int, float]] = field(default_factory=dict)
+    dropped: dict[int, int] = field(default_factory=dict)
+
+
+def rank_scores(ranks, now: float, span_seconds: dict[int, float], watch: RankWatch) -> list[Score]:
+    """Scores of every rank: seconds silent, seconds without a new step, events newly dropped,
+    and how many times slower than the other ranks its timed phases (``span/*``) run."""
+    scores: list[Score] = []
+    live = [info for info in ranks.ranks.values() if not info.closed]
+    for info in live:
+        subject = f"rank {info.rank}"
+        scores.append(Score("rank_silent", "RANK_SILENT", subject, info.last_step,
+                            now - info.last_seen, "seconds since last heard", info.rank))
+        step, since = watch.progress.get(info.rank, (None, now))
+        if step != info.last_step:
+            step, since = info.last_step, now
+            watch.progress[info.rank] = (step, since)
+        scores.append(Score("rank_stuck", "RANK_STUCK", subject, info.last_step, now - since,
+                            "seconds without a new step", info.rank))
+    for info in ranks.ranks.values():
+        dropped = sum(info.ledger_dropped.values())
+        new = dropped - watch.dropped.get(info.rank, 0)
+        watch.dropped[info.rank] = dropped
+        scores.append(Score("events_dropped", "EVENTS_DROPPED", f"rank {info.rank}", info.last_step,
+                            float(max(new, 0)), "events dropped since the last check", info.rank))
+    scores += _straggler_scores({i.rank: span_seconds.get(i.rank, 0.0) for i in live}, ranks)
+    return scores
+
+
+def _straggler_scores(busy: dict[int, float], ranks) -> list[Score]:
+    """Each rank's phase time over the median of the others' (needs ``span/*`` metrics)."""
+    busy = {rank: seconds for rank, seconds in busy.items() if seconds > 0}
+    if len(busy) < 2:
+        return []
+    scores = []
+    for rank, seconds in busy.items():
+        others = statistics.median(s for r, s in busy.items() if r != rank)
+        if others > 0:
+            scores.append(Score("straggler", "STRAGGLER", f"rank {rank}", ranks.ranks[rank].last_step,
+                                seconds / others, "step phases slower than the other ranks", rank))
+    return scores

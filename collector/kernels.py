@@ -270,6 +270,31 @@ def series_stats(values_chrono, steps_chrono, finite_sorted, out):
     out[STAT_SLOPE] = slope(values_chrono, steps_chrono, out[STAT_MEAN], scale)
 
 
+@njit(cache=True)
+def sign_fractions(values, out):
+    """Fractions of the finite ``values`` that are zero, negative and positive, into ``out[0:3]``
+    (NaN when none is finite). The reward detectors' FLATLINE and NEGATIVE scores."""
+    zeros = 0
+    negatives = 0
+    positives = 0
+    for x in values:
+        if not np.isfinite(x):
+            continue
+        if x == 0.0:
+            zeros += 1
+        elif x < 0.0:
+            negatives += 1
+        else:
+            positives += 1
+    total = zeros + negatives + positives
+    if total == 0:
+        out[0] = out[1] = out[2] = np.nan
+        return
+    out[0] = zeros / total
+    out[1] = negatives / total
+    out[2] = positives / total
+
+
 def window_stats(values_chrono: np.ndarray, steps_chrono: np.ndarray, out: np.ndarray) -> None:
     """Statistics of the finite points of one window into ``out``; see :func:`series_stats`.
 
@@ -288,6 +313,7 @@ def warm_up() -> None:
     Call it at collector start-up so the first batch does not pay the compile time (about a
     second per kernel without a cache). Main thread or any thread; raises nothing of its own.
     """
+    sign_fractions(np.zeros(2), np.empty(3))
     values = np.zeros((1, 2))
     steps = np.zeros((1, 2), np.int64)
     state = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.full(1, np.nan), np.full(1, np.nan))

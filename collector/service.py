@@ -120,6 +120,7 @@ class CollectorService:
                 next_snapshot = now + self.config.snapshot_interval
             if now >= next_parent_check:
                 self._check_parent()
+                self.state.tick(now)
                 next_parent_check = now + 1.0
 
     def serve_once(self, timeout_ms: int) -> int:

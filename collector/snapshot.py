@@ -142,6 +142,8 @@ class CollectorSnapshot:
     alerts: tuple[Alert, ...] = ()
     alert_counts: Mapping[tuple[str, str], int] = field(default_factory=lambda: _EMPTY)
     stop: StopSnapshot | None = None
+    firing: tuple[tuple[str, str, str], ...] = ()
+    """(alert type, subject, severity) of every rule whose condition holds right now."""
     recent_samples: tuple[SampleRecord, ...] = ()
     series_count: int = 0
     series_capacity: int = 0

@@ -18,7 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from collector.aggregate import StepAggregator
-from collector.detectors import Finding, KLDetector
+from collector.detectors import (RankWatch, SampleComparator, StreamDetector,
+                                 default_stream_detectors, rank_scores)
+from collector.rules import DEFAULT_RULES, Finding, Rule, RuleEngine, Score, kl_rule
 from collector.ranks import RankTable
 from collector.snapshot import (Alert, CollectorSnapshot, MetricSnapshot, SampleRecord,
                                 StopSnapshot)
@@ -57,6 +59,16 @@ class StateConfig:
     stats_window: int = 100
     control_key: str = ""
     margin: MarginPolicy = field(default_factory=MarginPolicy)
+    rules: dict[str, Rule] | None = None
+    """Detector rules; None means the defaults, with the KL rule from ``kl_threshold``."""
+    window_size: int = 50
+    """Steps in the reward-hacking trend window (the seed's QualityAnalyzer ``window_size``)."""
+    sample_size: int = 10
+    """Baseline prompts kept by the forgetting probe (the seed's SampleComparator)."""
+    comparison_frequency: int = 5
+    """Steps between forgetting comparisons."""
+    degradation_threshold: float = 0.7
+    """Similarity below which a sample counts as degraded."""
 
 
 class CollectorState:
@@ -70,7 +82,14 @@ class CollectorState:
         self.aggregator = StepAggregator(world_size=config.world_size)
         self.ranks = RankTable()
         self.stop = StopCoordinator()
-        self.kl_detector = KLDetector(threshold=config.kl_threshold)
+        self.rules = RuleEngine(config.rules if config.rules is not None else
+                                {**DEFAULT_RULES, "kl": kl_rule(config.kl_threshold)})
+        self.comparator = SampleComparator(config.sample_size, config.comparison_frequency,
+                                           config.degradation_threshold)
+        self.detectors = default_stream_detectors(
+            config.window_size, lambda: {"sample_similarity": self.comparator.similarity_series()})
+        self._detectors_for: dict[str, list[StreamDetector]] = {}
+        self._rank_watch = RankWatch()
         self.world_size = config.world_size
         self.frames_by_kind: collections.Counter[str] = collections.Counter()
         self.rejected_by_reason: collections.Counter[str] = collections.Counter()
@@ -128,7 +147,7 @@ class CollectorState:
         for block in fields["blocks"]:
             self._ingest_block(message.rank, block, info)
         info.last_step = max(info.last_step, fields["step"])
-        self._ingest_samples(message.rank, fields.get("samples", ()))
+        self._ingest_samples(message.rank, fields.get("samples", ()), now)
         self._complete_steps(now)
         return []
 
@@ -251,6 +270,9 @@ class CollectorState:
         finite = np.isfinite(matrix)
         if not finite.all():
             self._count_non_finite(matrix, finite, valid)
+            self._score_non_finite(rank, block, finite if valid is None else finite | ~valid)
+        elif self.rules.firing:
+            self._clear_non_finite(rank, block)
         ids = self._ids_for(rank, block.keys)
         if ids is None:
             return
@@ -269,6 +291,21 @@ class CollectorState:
         nan = np.isnan(matrix) if valid is None else np.isnan(matrix) & valid
         self.flagged_by_reason["nan"] += int(nan.sum())
         self.flagged_by_reason["inf"] += int(np.isinf(matrix).sum())
+
+    def _score_non_finite(self, rank: int, block: wire.Block, finite: np.ndarray) -> None:
+        """Every metric with a NaN/Inf in this block gets a NAN_VALUE score of 1."""
+        now = self.ranks.get(rank).last_seen
+        for column in np.flatnonzero(~finite.all(axis=0)):
+            row = int(np.flatnonzero(~finite[:, column])[0])
+            score = Score("nan", "NAN_VALUE", block.keys[column], block.steps[row], 1.0,
+                          "non-finite values", rank)
+            self._act_on([self.rules.evaluate(score, now)], now)
+
+    def _clear_non_finite(self, rank: int, block: wire.Block) -> None:
+        """A finite value again clears a firing NAN_VALUE for that metric."""
+        for key in block.keys:
+            if ("nan", key) in self.rules.firing:
+                self.rules.evaluate(Score("nan", "NAN_VALUE", key, block.steps[-1], 0.0), 0.0)
 
     def _append_valid(self, ids: np.ndarray, steps: np.ndarray, matrix: np.ndarray,
                       valid: np.ndarray) -> None:
@@ -291,11 +328,13 @@ class CollectorState:
         self._series_ids[cache_key] = ids
         return ids
 
-    def _ingest_samples(self, rank: int, samples: Any) -> None:
+    def _ingest_samples(self, rank: int, samples: Any, now: float) -> None:
         for step, prompts, responses, rewards in samples:
             for i, (prompt, response) in enumerate(zip(prompts, responses)):
                 reward = _as_float(rewards[i]) if rewards is not None else math.nan
                 self.samples.append(SampleRecord(step, rank, prompt[:2000], response[:2000], reward))
+            for score in self.comparator.observe(step, prompts, responses):
+                self._act_on([self.rules.evaluate(score, now)], now)
 
     def _complete_steps(self, now: float) -> None:
         self._apply_aggregates(self.aggregator.pop_completed(), now)
@@ -305,14 +344,53 @@ class CollectorState:
         self._apply_aggregates(self.aggregator.flush(), now)
 
     def _apply_aggregates(self, completed: list, now: float) -> None:
+        """Store completed cross-rank steps, then let the detectors score them in step order."""
         by_metric: dict[str, list] = collections.defaultdict(list)
         for agg in completed:
             by_metric[agg.metric].append(agg)
         for metric, aggs in by_metric.items():
             self._store_aggregates(metric, aggs)
-            if self.kl_detector.watches(metric):
-                for agg in aggs:
-                    self._act_on(self.kl_detector.observe(metric, agg.step, agg.mean, now), now)
+        slack = max((len(aggs) for aggs in by_metric.values()), default=0)
+        for agg in sorted(completed, key=lambda a: a.step):
+            detectors = self._detectors_watching(agg.metric)
+            if not detectors:
+                continue
+            history = self._history_upto(agg.step, slack)
+            for detector in detectors:
+                scores = detector.observe(agg.metric, agg.step, agg.mean, history)
+                self._act_on([self.rules.evaluate(score, now) for score in scores], now)
+
+    def _detectors_watching(self, metric: str) -> list[StreamDetector]:
+        detectors = self._detectors_for.get(metric)
+        if detectors is None:
+            detectors = self._detectors_for[metric] = [d for d in self.detectors if d.watches(metric)]
+        return detectors
+
+    def _history_upto(self, step: int, slack: int):
+        """``history(metric, n)``: the last n cross-rank means at or before ``step``."""
+        def history(metric: str, n: int) -> np.ndarray:
+            series = self.store.find(metric, AGGREGATE_RANK)
+            if series is None:
+                return np.empty(0)
+            steps, values = self.store.history(series, n + slack)
+            return values[steps <= step][-n:]
+        return history
+
+    def tick(self, now: float) -> None:
+        """Score the rank table (silent, stuck, straggling ranks; dropped events)."""
+        spans = {rank: self._span_seconds(rank) for rank in self.ranks.ranks}
+        scores = rank_scores(self.ranks, now, spans, self._rank_watch)
+        self._act_on([self.rules.evaluate(score, now) for score in scores], now)
+
+    def _span_seconds(self, rank: int) -> float:
+        """Mean seconds a step of ``rank`` spent in timed phases (``span/*``), last 20 steps."""
+        total = 0.0
+        for metric, series_rank in self.store.keys():
+            if series_rank == rank and metric.startswith("span/"):
+                _, values = self.store.history(self.store.find(metric, rank), 20)
+                finite = values[np.isfinite(values)]
+                total += float(finite.mean()) if finite.size else 0.0
+        return total
 
     def _store_aggregates(self, metric: str, aggs: list) -> None:
         try:
@@ -326,13 +404,15 @@ class CollectorState:
         last = aggs[-1]
         self.last_aggregate[metric] = (last.step, last.mean, last.min, last.max)
 
-    def _act_on(self, findings: list[Finding], now: float) -> None:
+    def _act_on(self, findings: list[Finding | None], now: float) -> None:
         for finding in findings:
+            if finding is None:
+                continue
             self.alerts.append(finding.alert)
             self.alert_counts[(finding.alert.type, finding.alert.severity)] += 1
             if self._on_alert is not None:
                 self._on_alert(finding.alert)
-            if finding.stop:
+            if finding.action == "stop":
                 state = self.request_stop(finding.alert.message, finding.alert.severity,
                                           f"detector:{finding.alert.type.lower()}", now)
                 self._announce(state)
@@ -373,7 +453,10 @@ class CollectorState:
             alerts=tuple(self.alerts), alert_counts=MappingProxyType(dict(self.alert_counts)),
             stop=self.stop.state, recent_samples=tuple(self.samples),
             series_count=self.store.series_count, series_capacity=self.store.capacity,
-            finished=finished)
+            finished=finished, firing=tuple(sorted(
+                (kind, subject, severity)
+                for (_, subject), (kind, severity) in self.rules.firing.items())),
+            extra=MappingProxyType({"sample_comparisons": self.comparator.get_comparison_summary()}))
 
     def _metric_names(self) -> list[str]:
         return sorted({metric for metric, rank in self.store.keys() if rank >= 0})

@@ -391,6 +391,12 @@ def _alert_families(snap: CollectorSnapshot) -> Iterator[Metric]:
     for (alert_type, severity), count in sorted(snap.alert_counts.items()):
         _add_count(family, [alert_type, severity], count)
     yield family
+    firing = _gauge("rlmon_alert_firing",
+                    "1 for each detector condition holding right now (subject: metric or rank).",
+                    ["type", "subject", "severity"])
+    for alert_type, subject, severity in snap.firing:
+        firing.add_metric([alert_type, subject[:120], severity], 1.0)
+    yield firing
 
 
 def _stop_families(stop: StopSnapshot | None) -> Iterator[Metric]:

@@ -283,3 +283,34 @@ def test_block_append_property(width, blocks, seed):
         assert steps == ref_steps and same_floats(values, ref_values)
         assert_ema(rings[4][sid], ref.series[sid].ema_short)
         assert_ema(rings[5][sid], ref.series[sid].ema_long)
+
+
+def _sign_fractions_reference(values):
+    """Plain Python: fractions of finite values that are zero, negative, positive."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return [math.nan] * 3
+    n = len(finite)
+    return [sum(v == 0 for v in finite) / n, sum(v < 0 for v in finite) / n,
+            sum(v > 0 for v in finite) / n]
+
+
+@pytest.mark.parametrize("values", [[], [0.0], [1.0, -1.0, 0.0, math.nan], [math.inf, -math.inf],
+                                    [0.0] * 50, [-2.0] * 3 + [math.nan] * 5])
+def test_sign_fractions_matches_reference_on_edge_cases(values):
+    """sign_fractions agrees with the reference on empty, all-equal, NaN and Inf windows."""
+    from collector import kernels
+    out = np.empty(3)
+    kernels.sign_fractions(np.asarray(values, dtype=np.float64), out)
+    np.testing.assert_allclose(out, _sign_fractions_reference(values), equal_nan=True)
+
+
+def test_sign_fractions_matches_reference_on_random_windows():
+    """sign_fractions agrees with the reference on random windows with zeros and NaN mixed in."""
+    from collector import kernels
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        values = rng.choice([-1.5, 0.0, 2.0, math.nan], size=rng.integers(0, 40))
+        out = np.empty(3)
+        kernels.sign_fractions(values, out)
+        np.testing.assert_allclose(out, _sign_fractions_reference(list(values)), equal_nan=True)
