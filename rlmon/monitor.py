@@ -46,7 +46,9 @@ class Monitor:
         self._pending = self._publisher.pending
         self._max_pending = config.max_pending
         self._closed = False
-        self._span_seconds: dict[str, float] = {}
+        self._attached: dict[str, float] = {}
+        """Values sent with the next ``log`` call: span timings, wrapped reward functions'."""
+        self.attach_generation = 0
         self._seen_offer: StopOffer | None = None
         self._stop_at: int | None = None
         self._stop_reason: str | None = None
@@ -65,8 +67,8 @@ class Monitor:
         if len(pending) >= self._max_pending:
             self._publisher.ledger.drop("closed" if self._closed else "queue_full")
             return
-        if self._span_seconds:
-            metrics = self._with_spans(metrics)
+        if self._attached:
+            metrics = self._with_attached(metrics)
         try:
             if _PLAIN_TYPES.issuperset(map(type, metrics.values())):
                 pending.append((step, time.time(), metrics.copy()))
@@ -97,17 +99,34 @@ class Monitor:
             yield
         finally:
             key = f"span/{name}"
-            spans = self._span_seconds
+            spans = self._attached
             spans[key] = spans.get(key, 0.0) + (time.perf_counter() - started)
 
-    def _with_spans(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    def _with_attached(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """``metrics`` plus the pending span timings (which are then cleared)."""
         try:
-            merged = {**metrics, **self._span_seconds}
+            merged = {**metrics, **self._attached}
         except TypeError:  # not a mapping: let log() count it
             return metrics
-        self._span_seconds = {}
+        self._attached = {}
+        self.attach_generation += 1
         return merged
+
+    def wrap_rewards(self, functions: Sequence[Callable], names: Sequence[str] | None = None
+                     ) -> list[Callable]:
+        """Reward functions with the same names, signatures and return values (TRL's
+        ``reward_funcs`` shape) that also send, with the next ``log`` call, each function's mean
+        reward (``rewards/<name>``), seconds spent (``reward_fn/<name>/seconds``), and cumulative
+        calls and errors (``reward_fn/<name>/calls``, ``.../errors``). Exceptions propagate."""
+        from rlmon.rewards import wrap_reward
+
+        names = list(names) if names is not None else [None] * len(functions)
+        return [wrap_reward(self, function, name) for function, name in zip(functions, names)]
+
+    def attach(self, values: Mapping[str, float]) -> None:
+        """Send ``values`` with the next ``log`` call (replacing earlier attached values of the
+        same keys). Cheap; never raises."""
+        self._attached.update(values)
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -183,7 +202,7 @@ class Monitor:
         little. Idempotent. An embedded collector is finalized (its reports written) here."""
         if self._closed:
             return
-        if self._span_seconds:
+        if self._attached:
             self.log(max(self._publisher.current_step, 0), {})
         self._closed = True
         if self._before_close is not None:
@@ -251,6 +270,14 @@ class NullMonitor:
     def span(self, name: str) -> Iterator[None]:
         """Time nothing."""
         yield
+
+    def wrap_rewards(self, functions: Sequence[Callable], names: Sequence[str] | None = None
+                     ) -> list[Callable]:
+        """The functions themselves, unwrapped."""
+        return list(functions)
+
+    def attach(self, values: Mapping[str, float]) -> None:
+        """Do nothing."""
 
     def should_stop(self, step: int) -> bool:
         """Always False."""

@@ -193,3 +193,37 @@ def test_spans_land_on_the_next_logged_step():
         assert mon._publisher.pending[1][2]["span/rollout"] >= 0.0
     finally:
         mon.close()
+
+
+def test_wrapped_rewards_keep_name_signature_and_results():
+    """A wrapped reward function is the same function to TRL, and reports mean, time, calls."""
+    import inspect
+
+    def check_answer(prompts, completions, **kwargs):
+        """Doc."""
+        return [1.0 if c == "4" else 0.0 for c in completions]
+
+    def broken(prompts, completions, **kwargs):
+        raise ValueError("bad")
+
+    mon = _idle_monitor()
+    try:
+        wrapped, wrapped_broken = mon.wrap_rewards([check_answer, broken])
+        assert wrapped.__name__ == "check_answer" and wrapped.__doc__ == "Doc."
+        assert inspect.signature(wrapped) == inspect.signature(check_answer)
+        assert wrapped(["2+2="] * 2, ["4", "5"]) == [1.0, 0.0]
+        assert wrapped(["2+2="], ["4"]) == [1.0]
+        with pytest.raises(ValueError):
+            wrapped_broken([], [])
+        mon.log(0, {"loss": 1.0})
+        sent = mon._publisher.pending[-1][2]
+        assert sent["rewards/check_answer"] == pytest.approx(2 / 3)
+        assert sent["reward_fn/check_answer/calls"] == 2
+        assert sent["reward_fn/broken/errors"] == 1 and "rewards/broken" not in sent
+        assert sent["reward_fn/check_answer/seconds"] >= 0
+        wrapped(["1+1="], ["3"])
+        mon.log(1, {"loss": 1.0})
+        assert mon._publisher.pending[-1][2]["rewards/check_answer"] == 0.0
+        assert mon._publisher.pending[-1][2]["reward_fn/check_answer/calls"] == 3
+    finally:
+        mon.close()
