@@ -237,12 +237,17 @@ class RewardAnomalyDetector(StreamDetector):
         return [Score("reward_outlier", "OUTLIER", metric, step, z, "distance from the mean in std")]
 
 
+#: Points that count as "recent" in the reward-hacking comparison.
+RECENT_STEPS = 10
+
+
 class RewardHackingDetector(StreamDetector):
     """Reward rising while quality falls (the seed's ``reward_hack_threshold``).
 
-    Over the last ``window_size`` steps of the total reward, compare the first and second halves;
-    when the reward rose, the score is the largest relative fall of a quality signal over the same
-    steps: ``rewards/*`` components, ``quality/*`` metrics and the sample comparator's similarity.
+    Over the last ``window_size`` steps, compare the mean of the last ``RECENT_STEPS`` points with
+    the mean of the points before them; when the total reward rose, the score is the largest
+    relative fall of a quality signal measured the same way: ``rewards/*`` components,
+    ``quality/*`` metrics and the sample comparator's similarities.
     """
 
     name = "reward_hacking"
@@ -261,13 +266,12 @@ class RewardHackingDetector(StreamDetector):
     def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
         """Score once the window holds at least 10 steps."""
         reward = history(metric, self.window_size)
-        if reward.size < 10:
+        if reward.size < 2 * RECENT_STEPS:
             return []
-        half = reward.size // 2
-        gain = _relative_change(reward[:half], reward[half:])
+        gain = _relative_change(reward[:-RECENT_STEPS], reward[-RECENT_STEPS:])
         if not gain > 0:
             return [Score(self.name, "REWARD_HACKING", metric, step, 0.0, "quality fall while reward rises")]
-        falls = [-_relative_change(s[: s.size // 2], s[s.size // 2:])
+        falls = [-_relative_change(s[:-RECENT_STEPS], s[-RECENT_STEPS:])
                  for s in self._quality_series(history)]
         worst = max((f for f in falls if math.isfinite(f)), default=0.0)
         return [Score(self.name, "REWARD_HACKING", metric, step, max(worst, 0.0),
@@ -276,7 +280,7 @@ class RewardHackingDetector(StreamDetector):
     def _quality_series(self, history: History) -> list[np.ndarray]:
         series = [history(name, self.window_size) for name in sorted(self.quality_metrics)]
         series += list(self._quality().values())
-        return [s for s in series if s.size >= 10]
+        return [s for s in series if s.size >= 2 * RECENT_STEPS]
 
 
 def _relative_change(before: np.ndarray, after: np.ndarray) -> float:
@@ -336,7 +340,8 @@ class SampleComparator:
     def observe(self, step: int, prompts: list[str], responses: list[str]) -> list[Score]:
         """Record baselines; on comparison steps, score the mean similarity to them."""
         compared = []
-        due = step - self._last_compared_step >= self.comparison_frequency
+        due = (step == self._last_compared_step
+               or step - self._last_compared_step >= self.comparison_frequency)
         for prompt, response in zip(prompts, responses):
             if prompt not in self.baseline:
                 if len(self.baseline) < self.sample_size:

@@ -74,6 +74,10 @@ COLLECTIVE_TIMEOUT_S = 300
 BLOWUP_LR_FACTOR = 3.0
 #: ``kl_blowup`` replaces ``kl_coef`` with minus this much: the loss rewards moving away.
 BLOWUP_KL_PUSH = 1.0
+#: Fixed prompts answered every ``samples_every`` steps for rlmon's forgetting detector.
+PROBE_PROBLEMS = [task.make_problem(a, b) for a, b in ((1, 2), (3, 4), (5, 5), (9, 0))]
+#: Sampling temperature of the probe answers (near greedy).
+PROBE_TEMPERATURE = 0.05
 #: ``reward_hack`` samples this much hotter, so the policy finds the exploit.
 HACK_TEMPERATURE_FACTOR = 2.0
 
@@ -356,6 +360,11 @@ class GRPOTrainer:
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
         self.model = DistributedDataParallel(self.policy) if world_size > 1 else self.policy
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.rewards = {exploitable: dict(zip(functions, monitor.wrap_rewards(
+                            list(functions.values()), names=list(functions))))
+                        for exploitable in (False, True)
+                        for functions in [task.reward_functions(exploitable)]}
+        self.probe_generator = torch.Generator().manual_seed(config.seed)
         self.prompt_rng = random.Random(config.seed * 1_000_003 + rank)
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 7919 * (rank + 1))
 
@@ -377,16 +386,26 @@ class GRPOTrainer:
             problems = task.sample_problems(self.prompt_rng, config.batch_size)
             batch = rollout(self.policy, problems, config, settings.temperature, self.generator)
         with monitor.span("reward"):
-            scores = score(batch, task.reward_functions(settings.exploitable_reward),
-                           config.group_size)
+            scores = score(batch, self.rewards[settings.exploitable_reward], config.group_size)
         with monitor.span("update"):
             stats = update(self.model, self.reference, self.optimizer, batch, scores, config,
                            settings.kl_coef)
         metrics = step_metrics(batch, scores, stats, settings.learning_rate)
         monitor.log(step, metrics)
         if step % config.samples_every == 0:
+            self.log_probe(step)
             self.log_samples(step, batch, scores)
         return metrics
+
+    def log_probe(self, step: int) -> None:
+        """Answer the fixed probe prompts almost greedily and log them: rlmon's forgetting
+        detector compares these answers with the first ones it saw."""
+        with torch.no_grad():
+            probe = rollout(self.policy, PROBE_PROBLEMS, self.config, PROBE_TEMPERATURE,
+                            self.probe_generator)
+        rows = range(0, len(probe.completions), self.config.group_size)
+        self.monitor.log_samples(step, [f"probe: {p.prompt}" for p in PROBE_PROBLEMS],
+                                 [probe.completions[row] for row in rows])
 
     def settings(self, step: int) -> StepSettings:
         """What ``step`` runs with: the configured values, or the injected failure's."""

@@ -177,6 +177,7 @@ def test_reward_hacking_needs_rising_reward_and_falling_quality():
     detector.watches("rewards/format")
     for step in range(20):
         streams.data.setdefault("rewards/format", []).append(1.0 if step < 10 else 0.4)
+    # recent 10 steps vs the 10 before: reward rose, format fell from 1.0 to 0.4
     scores = streams.feed(detector, "reward", [float(s) for s in range(20)])
     assert scores[-1].value == pytest.approx(0.6)
     healthy = Streams()
@@ -213,9 +214,10 @@ def test_sample_comparator_follows_the_seed():
     assert set(comparator.baseline) == {"a", "b"}
     scores = comparator.observe(5, ["a", "b"], ["hello world", "zzzzzzz"])
     assert scores[0].value == pytest.approx((1.0 + 0.0) / 2)
+    assert len(comparator.observe(5, ["b"], ["foo bar"])) == 1  # same step: still compared
     assert comparator.observe(6, ["a"], ["different"]) == []  # not due yet
     summary = comparator.get_comparison_summary()
-    assert summary["num_comparisons"] == 2 and summary["degraded_count"] == 1
+    assert summary["num_comparisons"] == 3 and summary["degraded_count"] == 1
     assert comparator.compute_diff("abc", "abc")["similarity"] == 1.0
 
 
