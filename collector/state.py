@@ -90,6 +90,8 @@ class CollectorState:
             config.window_size, lambda: {"sample_similarity": self.comparator.similarity_series()})
         self._detectors_for: dict[str, list[StreamDetector]] = {}
         self._rank_watch = RankWatch()
+        self.checkpoints: list[StopSnapshot] = []
+        self._checkpoint_sent: float = -math.inf
         self.world_size = config.world_size
         self.frames_by_kind: collections.Counter[str] = collections.Counter()
         self.rejected_by_reason: collections.Counter[str] = collections.Counter()
@@ -212,16 +214,40 @@ class CollectorState:
                                  furthest_step=self.ranks.furthest_step(),
                                  margin_steps=self.margin_steps(), now=now)
 
+    def request_checkpoint(self, reason: str, now: float) -> StopSnapshot | None:
+        """Decide a coordinated checkpoint ahead of every rank, unless one is still pending."""
+        furthest = self.ranks.furthest_step()
+        if self.checkpoints and self.checkpoints[-1].stop_at_step >= furthest:
+            return None
+        state = StopSnapshot(len(self.checkpoints) + 1, furthest + self.margin_steps(), reason,
+                             "CRITICAL", now, "rule")
+        self.checkpoints.append(state)
+        self._checkpoint_sent = -math.inf
+        return state
+
+    def _checkpoint_resends(self, now: float) -> list[Reply]:
+        """The pending checkpoint state to every live rank, once a second until its step passed."""
+        if not self.checkpoints or now - self._checkpoint_sent < 1.0:
+            return []
+        state = self.checkpoints[-1]
+        if self.ranks.furthest_step() > state.stop_at_step + 1:
+            return []
+        self._checkpoint_sent = now
+        message = self._reply(Kind.CHECKPOINT_STATE, gen=state.generation, at=state.stop_at_step,
+                              reason=state.reason)
+        return [Reply(identity, message) for rank in self.ranks.live()
+                for identity in self.ranks.ranks[rank].identities.values() if identity]
+
     def margin_steps(self) -> int:
         """Steps between the furthest reported step and a new stop step, from measured rates."""
         return self.config.margin.steps(self.ranks.fastest_rate(), self.ranks.worst_lag())
 
     def resends(self, now: float) -> list[Reply]:
         """The stop state for every live rank that has not acknowledged it (rate-limited)."""
+        replies = self._checkpoint_resends(now)
         state = self.stop.state
         if state is None:
-            return []
-        replies = []
+            return replies
         for rank in self.stop.due(self.ranks.live(), now):
             for identity in self.ranks.ranks[rank].identities.values():
                 if identity:
@@ -412,6 +438,8 @@ class CollectorState:
             self.alert_counts[(finding.alert.type, finding.alert.severity)] += 1
             if self._on_alert is not None:
                 self._on_alert(finding.alert)
+            if finding.action == "checkpoint":
+                self.request_checkpoint(finding.alert.message, now)
             if finding.action == "stop":
                 state = self.request_stop(finding.alert.message, finding.alert.severity,
                                           f"detector:{finding.alert.type.lower()}", now)

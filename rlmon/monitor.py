@@ -53,6 +53,9 @@ class Monitor:
         self._stop_at: int | None = None
         self._stop_reason: str | None = None
         self._last_checked_step: int | None = None
+        self._seen_checkpoint: StopOffer | None = None
+        self._checkpoint_at: int | None = None
+        self._checkpoint_checked_step: int | None = None
         _register_fork_handler(self)
 
     # -- logging ---------------------------------------------------------------------------------
@@ -144,6 +147,22 @@ class Monitor:
         if self.config.stop_sync_every and step % self.config.stop_sync_every == 0:
             return self._agree_on_stop(step)
         return self._stop_at is not None and step >= self._stop_at
+
+    def should_checkpoint(self, step: int) -> bool:
+        """True once, at the step the collector chose for a checkpoint (a rule with
+        ``action = "checkpoint"`` fired), on every rank alike. Answers from local state. A
+        checkpoint step this rank has already passed is skipped."""
+        offer = self._publisher.checkpoint_offer
+        if offer is not self._seen_checkpoint:
+            self._seen_checkpoint = offer
+            passed = (self._checkpoint_checked_step is not None
+                      and offer.stop_at_step <= self._checkpoint_checked_step)
+            self._checkpoint_at = None if passed else offer.stop_at_step
+        self._checkpoint_checked_step = step
+        if self._checkpoint_at is not None and step >= self._checkpoint_at:
+            self._checkpoint_at = None
+            return True
+        return False
 
     def request_early_stop(self, reason: str, severity: str = "CRITICAL") -> None:
         """Ask the collector to stop every rank (it picks the step and tells every rank)."""
@@ -279,8 +298,28 @@ class NullMonitor:
     def attach(self, values: Mapping[str, float]) -> None:
         """Do nothing."""
 
+    def should_checkpoint(self, step: int) -> bool:
+        """Always False."""
+        return False
+
     def should_stop(self, step: int) -> bool:
         """Always False."""
+        return False
+
+    def should_checkpoint(self, step: int) -> bool:
+        """True once, at the step the collector chose for a checkpoint (a rule with
+        ``action = "checkpoint"`` fired), on every rank alike. Answers from local state. A
+        checkpoint step this rank has already passed is skipped."""
+        offer = self._publisher.checkpoint_offer
+        if offer is not self._seen_checkpoint:
+            self._seen_checkpoint = offer
+            passed = (self._checkpoint_checked_step is not None
+                      and offer.stop_at_step <= self._checkpoint_checked_step)
+            self._checkpoint_at = None if passed else offer.stop_at_step
+        self._checkpoint_checked_step = step
+        if self._checkpoint_at is not None and step >= self._checkpoint_at:
+            self._checkpoint_at = None
+            return True
         return False
 
     def request_early_stop(self, reason: str, severity: str = "CRITICAL") -> None:

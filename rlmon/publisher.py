@@ -80,6 +80,7 @@ class Publisher:
         self.outbox: collections.deque = collections.deque()
         self.ledger = Ledger()
         self.stop_offer: StopOffer | None = None
+        self.checkpoint_offer: StopOffer | None = None
         self.current_step = -1
         self._seq = 0
         self._closing = threading.Event()
@@ -191,6 +192,11 @@ class Publisher:
             current = self.stop_offer
             if current is None or offer.generation > current.generation:
                 self.stop_offer = offer
+        elif message.kind is Kind.CHECKPOINT_STATE:
+            offer = StopOffer(fields["gen"], fields["at"], fields["reason"], "", "")
+            current = self.checkpoint_offer
+            if current is None or offer.generation > current.generation:
+                self.checkpoint_offer = offer
 
     def _say_goodbye(self, sock: zmq.Socket) -> None:
         """Final flush, then BYE with the ledger; wait a bounded time for its acknowledgement."""

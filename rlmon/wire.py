@@ -36,8 +36,8 @@ MAX_NAME_LENGTH = 256
 
 class Kind(enum.IntEnum):
     """Message kinds. Ranks send HELLO, BATCH, HEARTBEAT, STOP_ACK, STOP_REQUEST and BYE; the
-    collector answers with ACK and STOP_STATE; operators send STOP_REQUEST with the control key and
-    receive STOP_STATE or REFUSED."""
+    collector answers with ACK, STOP_STATE and CHECKPOINT_STATE; operators send STOP_REQUEST with
+    the control key and receive STOP_STATE or REFUSED."""
 
     HELLO = 1
     BATCH = 2
@@ -48,6 +48,7 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 7
     BYE = 8
     REFUSED = 9
+    CHECKPOINT_STATE = 10
 
 
 #: Fields every message must carry, with the Python types they must have.
@@ -64,6 +65,7 @@ _REQUIRED_FIELDS: dict[Kind, tuple[tuple[str, type | tuple[type, ...]], ...]] = 
     Kind.HEARTBEAT: (("step", int), ("t", (int, float))),
     Kind.BYE: (("seq", int), ("step", int)),
     Kind.REFUSED: (("why", str),),
+    Kind.CHECKPOINT_STATE: (("gen", int), ("at", int), ("reason", str)),
 }
 
 

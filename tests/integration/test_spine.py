@@ -257,3 +257,19 @@ def test_report_rebuilds_from_the_event_log(tmp_path):
     assert report["summary"]["stop"]["stop_at_step"] == original["summary"]["stop"]["stop_at_step"]
     assert report["metrics"]["reward"]["count"] == original["metrics"]["reward"]["count"]
     assert report["summary"]["stop_reason"] == original["summary"]["stop_reason"]
+
+
+def test_checkpoint_rule_makes_both_ranks_checkpoint_at_the_same_step(tmp_path):
+    """A rule with action=checkpoint: should_checkpoint is true once, at the same step, on both."""
+    out = tmp_path / "run"
+    command = [*rlmon_command(), "launch", "--out", str(out), "--rule", "kl.action=checkpoint",
+               "--", *torchrun_command(2), str(TOY_TRAINER), "--out", str(tmp_path / "ranks"),
+               "--steps", "150", "--kl-spike-at", "30"]
+    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = _rank_results(tmp_path)
+    assert ranks[0]["last_step"] == ranks[1]["last_step"] == 149, "a checkpoint does not stop"
+    assert ranks[0]["checkpoints"] == ranks[1]["checkpoints"]
+    checkpoints = ranks[0]["checkpoints"]
+    assert checkpoints and checkpoints[0] > 30, "one checkpoint per critical alert, after the spike"
+    assert all(b - a >= 10 for a, b in zip(checkpoints, checkpoints[1:])), "cooldown_steps apart"

@@ -39,7 +39,7 @@ def main() -> None:
     rank = dist.get_rank()
     mon = rlmon.init()
     pace = args.step_seconds * (3 if rank == args.slow_rank else 1)
-    last, reason = -1, None
+    last, reason, checkpoints = -1, None, []
     for step in range(args.steps):
         until = time.monotonic() + pace
         while time.monotonic() < until:  # the step's "work"
@@ -56,6 +56,8 @@ def main() -> None:
             mon.log(step, {"nan_probe": float("nan")})
             mon.log(step, {"bad_probe": torch.ones(2)})  # not a scalar: dropped, counted
         last = step
+        if mon.should_checkpoint(step):
+            checkpoints.append(step)
         if mon.should_stop(step):
             reason = mon.stop_reason
             break
@@ -65,6 +67,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(
         {"last_step": last, "reason": reason, "close_seconds": close_seconds,
+         "checkpoints": checkpoints,
          "stats": mon.statistics(), "pid": os.getpid()}))
     dist.destroy_process_group()
 

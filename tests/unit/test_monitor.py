@@ -227,3 +227,12 @@ def test_wrapped_rewards_keep_name_signature_and_results():
         assert mon._publisher.pending[-1][2]["reward_fn/check_answer/calls"] == 3
     finally:
         mon.close()
+
+
+def test_should_checkpoint_fires_once_at_its_step(monitor):
+    """should_checkpoint is true once at the chosen step; a passed step is skipped."""
+    assert not monitor.should_checkpoint(0)
+    monitor._publisher.checkpoint_offer = StopOffer(1, 3, "kl", "", "")
+    assert [monitor.should_checkpoint(s) for s in (1, 2, 3, 4)] == [False, False, True, False]
+    monitor._publisher.checkpoint_offer = StopOffer(2, 2, "late", "", "")
+    assert not monitor.should_checkpoint(5)

@@ -147,3 +147,16 @@ def test_step_rate_ignores_records_logged_microseconds_apart():
         info.observe_steps([step], [t + 1e-6])
         t += 0.1
     assert 8.0 < info.steps_per_second < 12.0
+
+
+def test_checkpoint_action_sends_a_checkpoint_state_to_every_rank():
+    """A critical finding of a checkpoint rule sends CHECKPOINT_STATE ahead of every rank."""
+    from collector.rules import DEFAULT_RULES, Rule
+    rules = {**DEFAULT_RULES, "kl": Rule(warning_above=0.1, critical_above=0.2, action="checkpoint")}
+    state = _state(rules=rules)
+    for rank in (0, 1):
+        state.handle(_batch(rank, 1, [0, 1, 2], {"kl": [0.01, 0.01, 0.5]}), b"id%d" % rank, 1.0)
+    assert state.stop.state is None and len(state.checkpoints) == 1
+    replies = state.resends(1.0)
+    assert {r.identity for r in replies} == {b"id0", b"id1"}
+    assert all(r.fields["k"] == Kind.CHECKPOINT_STATE and r.fields["at"] > 2 for r in replies)
