@@ -6,6 +6,7 @@ depend on the collector's kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import MappingProxyType
 
@@ -122,3 +123,65 @@ def make_stop() -> StopSnapshot:
     return StopSnapshot(generation=1, stop_at_step=32, reason="KL divergence above 2x threshold",
                         severity="CRITICAL", decided_at=T0 + 30.5, source="detector:kl",
                         acked_ranks=(0,))
+
+
+# --- additions for the plot/HTML/monitoring-data exporters ----------------------------------------
+
+GRPO_METRICS = ("reward", "kl", "loss", "policy_loss", "entropy", "grad_norm", "clip_fraction",
+                "advantage_mean", "advantage_std", "response_length", "frac_reward_zero_std",
+                "rewards/match_format_exactly", "rewards/check_answer", "span/rollout",
+                "span/update")
+"""The demo's metric names (a subset), logged by :func:`grpo_collector_snapshot`."""
+
+
+def with_rank_history(snapshot: CollectorSnapshot, *, ranks: int | None = None,
+                      seed: int = 1) -> CollectorSnapshot:
+    """``snapshot`` with every metric's ``history_by_rank`` filled: each rank's series is the
+    mean series plus small deterministic noise (``ranks`` defaults to the snapshot's)."""
+    count = len(snapshot.ranks) if ranks is None else ranks
+    rng = np.random.default_rng(seed)
+    metrics = {}
+    for name, metric in snapshot.metrics.items():
+        by_rank = {r: (metric.steps.copy(), metric.values + rng.normal(0.0, 0.01, metric.values.size))
+                   for r in range(count)}
+        metrics[name] = dataclasses.replace(metric, history_by_rank=MappingProxyType(by_rank))
+    return dataclasses.replace(snapshot, metrics=MappingProxyType(metrics))
+
+
+def grpo_collector_snapshot(*, steps: int = 60, world: int = 2, blowup_at: int = 50):
+    """A finished snapshot (with history) of the real :class:`collector.state.CollectorState`
+    fed a demo-like GRPO run: ``world`` ranks, :data:`GRPO_METRICS`, KL blowing up from step
+    ``blowup_at`` (so KL alerts and a stop decision exist), a few samples. No sockets."""
+    from collector.state import CollectorState, StateConfig
+    from rlmon import wire
+    from rlmon.wire import Kind
+
+    def msg(kind, rank, **fields):
+        return wire.decode(wire.encode(wire.envelope(kind, "grpo-run", rank, 1, **fields)))
+
+    state = CollectorState(StateConfig(run_id="grpo-run", world_size=world, control_key="k"))
+    for rank in range(world):
+        state.handle(msg(Kind.HELLO, rank, world=world, local_rank=rank, pid=100 + rank,
+                         host="node0"), b"id%d" % rank, T0)
+    rng = np.random.default_rng(7)
+    step_list = list(range(steps))
+    for rank in range(world):
+        rows = [[_grpo_value(name, s, blowup_at, rng) for name in GRPO_METRICS] for s in step_list]
+        block = [list(GRPO_METRICS), step_list, [T0 + s for s in step_list], rows]
+        samples = [[steps - 1, ["7+5="], [f"<answer>{12 + rank}</answer>"], [3.0 - rank]]]
+        state.handle(msg(Kind.BATCH, rank, seq=1, t=T0 + steps, step=steps - 1, blocks=[block],
+                         samples=samples), b"id%d" % rank, T0 + steps)
+    state.finish(T0 + steps + 1)
+    return state.snapshot(T0 + steps + 1, with_history=True, finished=True)
+
+
+def _grpo_value(name: str, step: int, blowup_at: int, rng: np.random.Generator) -> float:
+    """A plausible value of metric ``name`` at ``step`` (KL explodes after ``blowup_at``)."""
+    noise = float(rng.normal(0.0, 0.01))
+    if name == "kl":
+        return 0.02 + noise / 10 + (0.08 * (step - blowup_at + 1) if step >= blowup_at else 0.0)
+    if name.startswith("span/"):
+        return 0.1 + abs(noise)
+    if name.startswith("reward"):
+        return 1.0 + 0.02 * step + noise
+    return 0.5 + noise
