@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a TOML or YAML file of detector rules ([rules.<detector>] tables)")
     parser.add_argument("--rule", action="append", default=[], metavar="DETECTOR.KEY=VALUE",
                         help="override one rule setting, e.g. kl.critical_above=0.3 (repeatable)")
+    parser.add_argument("--visualization-frequency", type=int, default=500,
+                        help="write dashboard_step_N.png and summary_step_N.html every N steps (0: off)")
     parser.add_argument("--capacity", type=int, default=10_000, help="points kept per series")
     parser.add_argument("--max-series", type=int, default=4_096, help="most (metric, rank) series")
 
@@ -65,6 +67,7 @@ def collector_args(args: argparse.Namespace) -> list[str]:
             "--metrics-port", str(args.metrics_port), "--world-size", str(args.world_size),
             "--kl-threshold", str(args.kl_threshold), "--capacity", str(args.capacity),
             "--max-series", str(args.max_series),
+            "--visualization-frequency", str(args.visualization_frequency),
             "--reward-hack-threshold", str(args.reward_hack_threshold),
             "--window-size", str(args.window_size), "--sample-size", str(args.sample_size),
             "--comparison-frequency", str(args.comparison_frequency),
@@ -87,7 +90,8 @@ def build_service(args: argparse.Namespace) -> CollectorService:
                         degradation_threshold=args.degradation_threshold)
     return CollectorService(ServiceConfig(
         out_dir=args.out, endpoint=args.endpoint, metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port, parent_pid=getattr(args, "parent_pid", 0), state=state))
+        metrics_port=args.metrics_port, parent_pid=getattr(args, "parent_pid", 0), state=state,
+        visualization_frequency=args.visualization_frequency))
 
 
 def rules_from_args(args: argparse.Namespace) -> dict:
@@ -171,6 +175,8 @@ def _check_positive(args: argparse.Namespace) -> None:
         raise ConfigError("--max-series", "must be >= 1")
     if not args.kl_threshold > 0:
         raise ConfigError("--kl-threshold", "must be > 0")
+    if args.visualization_frequency < 0:
+        raise ConfigError("--visualization-frequency", "must be >= 0")
     for flag in ("window_size", "sample_size", "comparison_frequency"):
         if getattr(args, flag) < 1:
             raise ConfigError("--" + flag.replace("_", "-"), "must be >= 1")

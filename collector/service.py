@@ -7,6 +7,7 @@ the loop; :meth:`CollectorService.finalize` then completes pending steps and wri
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -17,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import zmq
@@ -54,6 +56,8 @@ class ServiceConfig:
     """Seconds between snapshots published to the exporters."""
     parent_pid: int = 0
     """Finish when this process is gone (the embedded default); 0 to disable."""
+    visualization_frequency: int = 500
+    """Write dashboard_step_N.png and summary_step_N.html every this many steps (0: never)."""
     state: StateConfig = field(default_factory=lambda: StateConfig(run_id="run"))
 
     def __post_init__(self) -> None:
@@ -81,6 +85,7 @@ class CollectorService:
         self._lock_file = None
         self.endpoint = ""
         self.metrics_url = ""
+        self._renderer = StepRenderer(self)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -115,6 +120,7 @@ class CollectorService:
         while not self._stop_requested.is_set():
             self.serve_once(timeout_ms=50)
             now = time.time()
+            self._renderer.after_iteration(now)
             if now >= next_snapshot:
                 self._publish_snapshot(now)
                 next_snapshot = now + self.config.snapshot_interval
@@ -147,9 +153,11 @@ class CollectorService:
                 pass
         now = time.time()
         self.state.finish(now)
-        snapshot = self.state.snapshot(now, with_history=True, finished=True)
+        self._renderer.wait()
+        snapshot = self._with_service_extra(self.state.snapshot(now, with_history=True, finished=True))
         self._snapshot = snapshot
         written = write_final_reports(snapshot, self.out_dir)
+        written += render_final(snapshot, self.out_dir)
         self.close()
         return written
 
@@ -246,7 +254,13 @@ class CollectorService:
                 pass
 
     def _publish_snapshot(self, now: float) -> None:
-        self._snapshot = self.state.snapshot(now)
+        self._snapshot = self._with_service_extra(self.state.snapshot(now))
+
+    def _with_service_extra(self, snapshot: CollectorSnapshot) -> CollectorSnapshot:
+        """Add what the service itself measured (drawing lag, dashboards written)."""
+        extra = {**snapshot.extra, "render_loop_lag_seconds": self._renderer.max_lag,
+                 "dashboards_rendered": tuple(self._renderer.rendered)}
+        return dataclasses.replace(snapshot, extra=MappingProxyType(extra))
 
     def _record_alert(self, alert: Alert) -> None:
         if self._alerts_file is not None:
@@ -273,6 +287,73 @@ class CollectorService:
                 "run_id": self.config.state.run_id, "out_dir": str(self.out_dir.resolve()),
                 "control_key_file": str(key_path.resolve()), "started_at": self.state.started_at}
         atomic_write_text(self.out_dir / "collector.json", json.dumps(info, indent=2) + "\n")
+
+
+def render_final(snapshot: CollectorSnapshot, out_dir: Path) -> list[Path]:
+    """The plots, HTML page and monitoring_data.json of the end of a run (never raises)."""
+    try:
+        from exporters.render import render_reports
+        return render_reports(snapshot, out_dir)
+    except Exception:
+        log.exception("could not write the plots and the HTML report")
+        return []
+
+
+class StepRenderer:
+    """Writes ``dashboard_step_N.png`` and ``summary_step_N.html`` every
+    ``visualization_frequency`` steps in a forked child, so drawing never stalls the receive
+    loop: the child renders from its copy-on-write view of the state and exits. It also measures
+    the receive loop's longest gap between iterations while a child draws (the lag drawing
+    costs ingestion), published as ``render_loop_lag_seconds`` in the snapshot's ``extra``."""
+
+    def __init__(self, service: CollectorService) -> None:
+        self.service = service
+        self.child: int | None = None
+        self.next_step = service.config.visualization_frequency
+        self.rendered: list[int] = []
+        self.max_lag = 0.0
+        self._last_iteration = 0.0
+
+    def after_iteration(self, now: float) -> None:
+        """Reap a finished child, track the loop's lag while one draws, start one when due."""
+        if self.child is not None:
+            self.max_lag = max(self.max_lag, now - self._last_iteration)
+            self._reap(os.WNOHANG)
+        self._last_iteration = now
+        frequency = self.service.config.visualization_frequency
+        step = self.service.state.ranks.furthest_step()
+        if frequency > 0 and self.child is None and step >= self.next_step > 0:
+            self._start(self.next_step)
+            self.next_step = (step // frequency + 1) * frequency
+
+    def wait(self) -> None:
+        """Wait for a child still drawing (end of run)."""
+        if self.child is not None:
+            self._reap(0)
+
+    def _reap(self, flags: int) -> None:
+        try:
+            pid, _ = os.waitpid(self.child, flags)
+        except ChildProcessError:
+            pid = self.child
+        if pid:
+            self.child = None
+
+    def _start(self, step: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child: draw from this copy of the state, then leave without cleanup
+            code = 0
+            try:
+                from exporters.render import render_reports
+                snapshot = self.service.state.snapshot(time.time(), with_history=True)
+                render_reports(snapshot, self.service.out_dir, step)
+            except BaseException:
+                log.exception("could not draw the step %d dashboard", step)
+                code = 1
+            finally:
+                os._exit(code)
+        self.child = pid
+        self.rendered.append(step)
 
 
 def new_control_key() -> str:

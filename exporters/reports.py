@@ -231,7 +231,19 @@ def _json_collector(snap: CollectorSnapshot) -> dict[str, Any]:
             "values_flagged": dict(sorted(snap.values_flagged_by_reason.items())),
             "dropped_events": _dropped_totals(snap.ranks.values()),
             "series_count": snap.series_count, "series_capacity": snap.series_capacity,
-            "kl_threshold": snap.kl_threshold}
+            "kl_threshold": snap.kl_threshold,
+            "alerts_firing": [{"type": t, "subject": s, "severity": v} for t, s, v in snap.firing],
+            "render_loop_lag_seconds": _finite_or_none(snap.extra.get("render_loop_lag_seconds")),
+            "dashboards_rendered": list(snap.extra.get("dashboards_rendered", ()))}
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """A number for JSON, or None when it is missing, NaN or infinite."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 # --- Markdown -------------------------------------------------------------------------------------

@@ -124,7 +124,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     state = replay(args.dir, kl_threshold=args.kl_threshold)
     snapshot = state.snapshot(time.time(), with_history=True, finished=True)
-    for path in write_final_reports(snapshot, args.dir):
+    from collector.service import render_final
+
+    for path in write_final_reports(snapshot, args.dir) + render_final(snapshot, args.dir):
         print(path)
     return 0
 
@@ -142,7 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
                "-m", "rlmon.demo.train_grpo", *train_args]
-    flags = ["--out", str(args.out)]
+    flags = ["--out", str(args.out), "--visualization-frequency", "50"]
     code = launch(args.out, command, flags)
     _print_demo_summary(args.out)
     return code
