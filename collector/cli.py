@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus endpoint address")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="Prometheus endpoint port (0: a free one, -1: off)")
+    parser.add_argument("--metrics-certfile", default=None,
+                        help="serve /metrics over HTTPS with this certificate (PEM)")
+    parser.add_argument("--metrics-keyfile", default=None, help="the certificate's private key")
+    parser.add_argument("--metrics-client-cafile", default=None,
+                        help="require client certificates signed by this CA (mutual TLS)")
     parser.add_argument("--run-id", default="", help="run id (default: a fresh one)")
     parser.add_argument("--world-size", type=int, default=1,
                         help="ranks expected (ranks also announce it themselves)")
@@ -65,6 +70,9 @@ def collector_args(args: argparse.Namespace) -> list[str]:
     """The flags of ``args`` as a command line for a collector child process."""
     return ["--out", str(args.out), "--endpoint", args.endpoint, "--metrics-host", args.metrics_host,
             "--metrics-port", str(args.metrics_port), "--world-size", str(args.world_size),
+            *[item for flag in ("certfile", "keyfile", "client_cafile")
+              if getattr(args, f"metrics_{flag}") for item in
+              (f"--metrics-{flag.replace('_', '-')}", getattr(args, f"metrics_{flag}"))],
             "--kl-threshold", str(args.kl_threshold), "--capacity", str(args.capacity),
             "--max-series", str(args.max_series),
             "--visualization-frequency", str(args.visualization_frequency),
@@ -91,7 +99,18 @@ def build_service(args: argparse.Namespace) -> CollectorService:
     return CollectorService(ServiceConfig(
         out_dir=args.out, endpoint=args.endpoint, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port, parent_pid=getattr(args, "parent_pid", 0), state=state,
-        visualization_frequency=args.visualization_frequency))
+        visualization_frequency=args.visualization_frequency, metrics_tls=_tls_of(args)))
+
+
+def _tls_of(args: argparse.Namespace) -> dict[str, str]:
+    """TLS settings of the /metrics endpoint from the flags (empty: plain HTTP)."""
+    if bool(args.metrics_certfile) != bool(args.metrics_keyfile):
+        raise ConfigError("--metrics-certfile", "give both --metrics-certfile and --metrics-keyfile")
+    if args.metrics_client_cafile and not args.metrics_certfile:
+        raise ConfigError("--metrics-client-cafile", "client certificates need --metrics-certfile")
+    return {key: value for key, value in (("certfile", args.metrics_certfile),
+                                          ("keyfile", args.metrics_keyfile),
+                                          ("client_cafile", args.metrics_client_cafile)) if value}
 
 
 def rules_from_args(args: argparse.Namespace) -> dict:
@@ -143,13 +162,18 @@ def replay(out_dir: Path, kl_threshold: float = 0.1) -> CollectorState:
     info = _read_collector_json(out_dir)
     state = CollectorState(StateConfig(run_id=info.get("run_id", "replay"), kl_threshold=kl_threshold))
     results: list[ReadResult] = []
+    first: float | None = None
     for payload in read_records(path, results):
         try:
             message = wire.decode(payload)
         except FrameRejected as exc:
             state.reject(exc.reason)
             continue
-        state.handle(message, None, _message_time(message))
+        when = _message_time(message)
+        first = when if first is None else min(first, when)
+        state.handle(message, None, when)
+    if first is not None:
+        state.started_at = first  # the run's start, not the replay's
     state.finish(time.time())
     if results and results[0].skipped_bytes:
         state.rejected_by_reason["torn_tail"] += 1

@@ -56,6 +56,8 @@ class ServiceConfig:
     """Seconds between snapshots published to the exporters."""
     parent_pid: int = 0
     """Finish when this process is gone (the embedded default); 0 to disable."""
+    metrics_tls: dict[str, str] = field(default_factory=dict)
+    """``certfile``/``keyfile`` (HTTPS) and ``client_cafile`` (require client certificates)."""
     visualization_frequency: int = 500
     """Write dashboard_step_N.png and summary_step_N.html every this many steps (0: never)."""
     state: StateConfig = field(default_factory=lambda: StateConfig(run_id="run"))
@@ -101,7 +103,8 @@ class CollectorService:
         self._publish_snapshot(time.time())
         if self.config.metrics_port >= 0:
             self._metrics = MetricsServer(lambda: self._snapshot)
-            self._metrics.start(self.config.metrics_host, self.config.metrics_port)
+            self._metrics.start(self.config.metrics_host, self.config.metrics_port,
+                                **self.config.metrics_tls)
             self.metrics_url = self._metrics.url
         self._write_collector_json()
 

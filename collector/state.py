@@ -484,7 +484,10 @@ class CollectorState:
             finished=finished, firing=tuple(sorted(
                 (kind, subject, severity)
                 for (_, subject), (kind, severity) in self.rules.firing.items())),
-            extra=MappingProxyType({"sample_comparisons": self.comparator.get_comparison_summary()}))
+            extra=MappingProxyType({"sample_comparisons": {
+                **self.comparator.get_comparison_summary(),
+                "similarities": self.comparator.similarity_series().tolist() if with_history else [],
+                "threshold": self.comparator.degradation_threshold}}))
 
     def _metric_names(self) -> list[str]:
         return sorted({metric for metric, rank in self.store.keys() if rank >= 0})

@@ -7,17 +7,20 @@ the snapshot lacks what it draws:
 * ``rewards.png`` — the total reward: each rank faint, the cross-rank mean bold, a least-squares
   trend line.
 * ``kl_divergence.png`` — KL with the warning (``kl_threshold``) and critical (2×) lines, the KL
-  alerts as markers and the stop step as a vertical line.
-* ``quality_metrics.png`` — sample-comparison similarity (from
-  ``snapshot.extra["sample_comparisons"]``), entropy, response length, fraction of zero-std reward
-  groups, and every alert on a step axis.
+  alerts as markers and the stop step as a vertical line; when KL passes 10× the threshold the
+  y axis turns symlog (linear below the threshold) so a blow-up does not flatten the rest.
+* ``quality_metrics.png`` — entropy, response length, fraction of zero-std reward groups, every
+  alert on a step axis (one row per alert type, coloured by severity), and the sample comparator
+  from ``snapshot.extra["sample_comparisons"]``: a similarity panel when it carries a
+  ``similarities`` list (optional ``steps``, ``threshold``), else its summary in the title.
 * ``ppo_mechanics.png`` — clip fraction, advantages, gradient norm, policy/value losses (only when
   one of :data:`PPO_ONLY_METRICS` exists).
 * ``reward_history.png`` / ``reward_distributions.png`` / ``reward_statistics.png`` — the GRPO
   seed's per-reward-function plots (functions are the metrics named ``rewards/<fn>``; see
   :func:`exporters.monitoring_data.reward_functions`).
 * ``final_dashboard.png`` — the overview (:func:`dashboard_figure`); ``dashboard_step_N.png`` is the
-  same figure titled with step N (:func:`write_dashboard`).
+  same figure titled with step N (:func:`write_dashboard`). ``N`` only titles it: the data is
+  whatever the snapshot holds, so pass a snapshot taken at that step.
 
 Conventions: x is always ``step``; a panel of one metric draws each rank as a faint line (legend
 ``rank 0``…, up to :data:`MAX_RANK_LINES` ranks, a min–max band beyond) under the bold cross-rank

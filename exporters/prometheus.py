@@ -110,17 +110,20 @@ class MetricsServer:
         self._scheme = "http"
 
     def start(self, host: str = "127.0.0.1", port: int = 0, *,
-              certfile: str | None = None, keyfile: str | None = None) -> int:
+              certfile: str | None = None, keyfile: str | None = None,
+              client_cafile: str | None = None) -> int:
         """Bind ``host:port`` (port 0 picks a free one), start serving, return the bound port.
 
         Loopback by default: pass ``host="0.0.0.0"`` deliberately to expose it. With both
-        ``certfile`` and ``keyfile`` the endpoint speaks HTTPS. Raises ``RuntimeError`` if already
+        ``certfile`` and ``keyfile`` the endpoint speaks HTTPS; with ``client_cafile`` too it
+        requires client certificates signed by that CA (mutual TLS). Raises ``RuntimeError`` if already
         started and ``OSError`` if the address cannot be bound.
         """
         if self._httpd is not None:
             raise RuntimeError("MetricsServer already started")
         self._httpd, self._thread = start_http_server(
-            port, addr=host, registry=self.registry, certfile=certfile, keyfile=keyfile)
+            port, addr=host, registry=self.registry, certfile=certfile, keyfile=keyfile,
+            client_cafile=client_cafile, client_auth_required=client_cafile is not None)
         self._scheme = "https" if certfile and keyfile else "http"
         return self.port
 

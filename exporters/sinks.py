@@ -68,6 +68,12 @@ WANDB_DIR = "wandb"
 REPORT_NAME = "training_report.json"
 """Written by the collector when it finishes: one of the signs that a followed run is over."""
 
+#: Ranks are numbered 0 .. MAX_RANKS - 1 (``collector.state.MAX_RANKS``, not imported: it pulls
+#: in numpy and numba, which a sink does not need).
+MAX_RANKS = 65_536
+#: Messages read between two looks for releasable rows (each look costs O(world size)).
+READY_EVERY = 256
+
 _HEADER = struct.Struct("<II")  # the event log's record header: payload length, crc32
 
 
@@ -257,7 +263,7 @@ class StepAssembler:
         """Apply one message from the log (HELLO, BATCH, BYE, STOP_STATE; others are ignored)."""
         if message.kind is Kind.STOP_STATE:
             self._stops.append(_stop_event(message.fields))
-        elif 0 <= message.rank:
+        elif 0 <= message.rank < MAX_RANKS:
             if message.kind is Kind.HELLO:
                 self._on_hello(message)
             elif message.kind is Kind.BATCH:
@@ -288,7 +294,9 @@ class StepAssembler:
 
     def _on_hello(self, message: Message) -> None:
         self._live[message.rank].add(message.inc)
-        self.world_size = max(self.world_size, message.rank + 1, message.fields["world"])
+        world = message.fields["world"]
+        self.world_size = max(self.world_size, message.rank + 1,
+                              world if world <= MAX_RANKS else 1)
 
     def _on_batch(self, message: Message) -> None:
         identity = (message.rank, message.inc)
@@ -412,6 +420,8 @@ class TensorBoardSink:
                                   "tensorboard", "TensorBoard")
         self._summary_pb2 = _import("tensorboard.compat.proto.summary_pb2", "tensorboard",
                                     "tensorboard", "TensorBoard")
+        self._text = _import("tensorboard.plugins.text.summary_v2", "tensorboard", "tensorboard",
+                             "TensorBoard")
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("events.out.tfevents.*"):
@@ -429,11 +439,9 @@ class TensorBoardSink:
 
     def write_stop(self, stop: StopEvent) -> None:
         """A text summary ``rlmon/stop`` at the stop step."""
-        text = _import("tensorboard.plugins.text.summary_v2", "tensorboard", "tensorboard",
-                       "TensorBoard")
         self._writer.add_event(self._event_pb2.Event(
             wall_time=stop.decided_at or time.time(), step=stop.stop_at_step,
-            summary=text.text_pb("rlmon/stop", stop_text(stop))))
+            summary=self._text.text_pb("rlmon/stop", stop_text(stop))))
 
     def flush(self) -> None:
         """Write the queued events to the file."""
@@ -600,7 +608,9 @@ class SinkOptions:
 
 @dataclass(slots=True)
 class SinkStatistics:
-    """What a :func:`run_sinks` call did. Seconds are wall time spent inside each sink's calls."""
+    """What a :func:`run_sinks` call did. ``seconds`` is the wall time spent inside each sink's
+    writes and flushes (not its start or its close); ``failed`` maps a switched-off sink to its
+    error; the rest counts records, steps and what was dropped (see :class:`StepAssembler`)."""
 
     records: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -642,9 +652,9 @@ class _Driver:
             self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        self._each(lambda s: s.close())
+        self._each(lambda s: s.close(), timed=False)
 
-    def _each(self, call: Callable[[Sink], None]) -> None:
+    def _each(self, call: Callable[[Sink], None], timed: bool = True) -> None:
         for sink in list(self.sinks):
             started = time.perf_counter()
             try:
@@ -653,7 +663,7 @@ class _Driver:
                 log.exception("the %s sink failed and is switched off", sink.name)
                 self.stats.failed[sink.name] = f"{type(exc).__name__}: {exc}"
                 self.sinks.remove(sink)
-            finally:
+            if timed:
                 self.stats.seconds[sink.name] = (self.stats.seconds.get(sink.name, 0.0)
                                                  + time.perf_counter() - started)
 
@@ -696,6 +706,8 @@ def run_sinks(run_dir: Path, *, tensorboard: bool = False, wandb: bool = False,
     options = options or SinkOptions()
     run_dir = Path(run_dir)
     path = run_dir / EVENT_LOG_NAME
+    if not (tensorboard or wandb):
+        raise ConfigError("--tensorboard/--wandb", "no sink requested")
     if not options.follow and not path.exists():
         raise ConfigError("--out", f"no event log at {path}")
     stats = SinkStatistics()
@@ -722,11 +734,13 @@ def _pump(tail: EventLogTail, assembler: StepAssembler, driver: _Driver,
     """Read and export until the log is drained and (when following) the collector is done."""
     while driver.sinks:
         done = watch is None or stop_event.is_set() or watch.finished()  # decided before reading
-        before = tail.records + sum(tail.rejected.values())
-        for message in tail.poll():
+        before = tail.records
+        for count, message in enumerate(tail.poll(), 1):
             assembler.feed(message)
-            driver.write(assembler.ready(), assembler.take_stops())
-        grew = tail.records + sum(tail.rejected.values()) > before
+            if count % READY_EVERY == 0:  # release rows as we go through a long log
+                driver.write(assembler.ready(), assembler.take_stops())
+        driver.write(assembler.ready(), assembler.take_stops())
+        grew = tail.records > before
         if done and not grew:
             return
         driver.flush_now_and_then()

@@ -14,11 +14,11 @@ fi
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 
-if ! command -v promtool >/dev/null 2>&1; then
+if ! command -v promtool >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's prometheus (for promtool and the end-to-end tests)"
+    echo "setup: installing Debian's prometheus and openssl (for the end-to-end tests)"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus openssl >/dev/null
   else
     echo "setup: promtool not found and cannot apt-get install prometheus (not root);" \
          "the Prometheus tests will fail in CI and skip elsewhere" >&2

@@ -70,3 +70,44 @@ def test_launch_returns_the_command_exit_code(tmp_path):
                             env=child_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 7, result.stderr
     assert (tmp_path / "training_report.md").exists()
+
+
+def _self_signed(tmp_path, name):
+    """A self-signed certificate for 127.0.0.1 made with openssl; returns (cert, key)."""
+    import shutil
+    assert shutil.which("openssl"), "openssl is needed to make test certificates"
+    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                   timeout=60)
+    return cert, key
+
+
+def test_metrics_over_tls_with_client_certificates(tmp_path):
+    """--metrics-certfile/--metrics-keyfile serve HTTPS; --metrics-client-cafile requires a
+    client certificate: a scrape without one is refused, one with it succeeds."""
+    import ssl
+    import urllib.request
+
+    cert, key = _self_signed(tmp_path, "server")
+    client_cert, client_key = _self_signed(tmp_path, "client")
+    out = tmp_path / "run"
+    process = subprocess.Popen([*rlmon_command(), "collector", "--out", str(out), "--quiet",
+                                "--metrics-certfile", str(cert), "--metrics-keyfile", str(key),
+                                "--metrics-client-cafile", str(client_cert)], env=child_env())
+    try:
+        info = wait_for(lambda: read_json(out / "collector.json"), 60, "collector.json")
+        assert info["metrics_url"].startswith("https://127.0.0.1:")
+        anonymous = ssl.create_default_context(cafile=str(cert))
+        try:
+            urllib.request.urlopen(info["metrics_url"], context=anonymous, timeout=10)
+            raise AssertionError("a scrape without a client certificate was served")
+        except (ssl.SSLError, OSError):
+            pass
+        with_client = ssl.create_default_context(cafile=str(cert))
+        with_client.load_cert_chain(str(client_cert), str(client_key))
+        with urllib.request.urlopen(info["metrics_url"], context=with_client, timeout=10) as reply:
+            assert "rlmon_build_info" in reply.read().decode()
+    finally:
+        stop_process(process)
