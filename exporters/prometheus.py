@@ -83,6 +83,8 @@ class SnapshotCollector:
         yield from _rank_aggregate_families(snapshot.ranks.values())
         if per_rank:
             yield from _rank_families(snapshot.ranks.values())
+        else:
+            yield from _worst_rank_families(snapshot.ranks.values(), snapshot.taken_at)
         yield from _alert_families(snapshot)
         yield from _stop_families(snapshot.stop)
 
@@ -355,6 +357,26 @@ def _min_max_gauge(name: str, doc: str, values: list[float]) -> GaugeMetricFamil
         family.add_metric(["min"], float(min(values)))
         family.add_metric(["max"], float(max(values)))
     return family
+
+
+#: Ranks shown by the worst-k series when per-rank labels are off.
+WORST_K = 5
+
+
+def _worst_rank_families(ranks: Iterable[RankSnapshot], now: float) -> Iterator[Metric]:
+    """Past the rank-label bound: only the ``WORST_K`` furthest-behind and longest-silent open
+    ranks carry a ``rank`` label, so a 1,024-rank job still points at the ranks to look at."""
+    open_ranks = [r for r in ranks if not r.closed]
+    behind = _gauge("rlmon_worst_rank_last_step",
+                    f"Last step of the {WORST_K} open ranks furthest behind.", ["rank"])
+    for rank in sorted(open_ranks, key=lambda r: (r.last_step, r.rank))[:WORST_K]:
+        behind.add_metric([str(rank.rank)], float(rank.last_step))
+    silent = _gauge("rlmon_worst_rank_silence_seconds",
+                    f"Seconds since the {WORST_K} longest-silent open ranks were heard, at the "
+                    "snapshot.", ["rank"])
+    for rank in sorted(open_ranks, key=lambda r: (r.last_seen, r.rank))[:WORST_K]:
+        silent.add_metric([str(rank.rank)], max(0.0, now - rank.last_seen))
+    yield from (behind, silent)
 
 
 def _rank_families(ranks: Iterable[RankSnapshot]) -> Iterator[Metric]:

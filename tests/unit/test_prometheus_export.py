@@ -163,7 +163,9 @@ def test_no_stop_omits_stop_details():
 def test_rank_labels_bounded_past_max_rank_labels():
     """With 100 ranks and max_rank_labels=64 no sample carries a rank label; aggregates remain."""
     text = scrape(make_snapshot(ranks=100, metrics=("reward", "kl_div")), max_rank_labels=64)
-    assert not [s for s in samples(text) if "rank" in s.labels]
+    worst = {"rlmon_worst_rank_last_step", "rlmon_worst_rank_silence_seconds"}
+    assert not [s for s in samples(text) if "rank" in s.labels and s.name not in worst]
+    assert len([s for s in samples(text) if s.name == "rlmon_worst_rank_last_step"]) <= 5
     assert value_of(text, "rlmon_ranks_known") == 100
     assert value_of(text, "rlmon_rank_labels_limit") == 64
     assert value_of(text, "rlmon_ranks_last_step", agg="max") == 49
@@ -181,7 +183,7 @@ def test_rank_labels_present_at_the_bound():
 def test_world_size_above_bound_disables_rank_labels():
     """A declared world size above the bound switches to aggregates before every rank connects."""
     text = scrape(make_snapshot(ranks=2, world_size=128), max_rank_labels=64)
-    assert not [s for s in samples(text) if "rank" in s.labels]
+    assert not [s for s in samples(text) if "rank" in s.labels and not s.name.startswith("rlmon_worst_")]
 
 
 def test_nan_values_pass_through_gauges_and_never_reach_counters():
@@ -365,3 +367,20 @@ def test_scrape_time_64_ranks_50_metrics(serve):
     print(f"\n/metrics at 64 ranks x 50 metrics: median {1000 * sorted(timings)[2]:.1f} ms, "
           f"{len(body)} bytes, {body.count(chr(10))} lines")
     assert "rlmon_metric_value" in body
+
+
+def test_worst_ranks_name_the_ranks_behind_past_the_bound():
+    """Past the bound, the worst-k series name the ranks furthest behind, at most five of them."""
+    snap = make_snapshot(ranks=100, metrics=("reward",))
+    behind = {r: dataclasses.replace(info, last_step=3) if r in (17, 42) else info
+              for r, info in snap.ranks.items()}
+    snap = dataclasses.replace(snap, ranks=MappingProxyType(behind))
+    text = scrape(snap, max_rank_labels=64)
+    named = {s.labels["rank"]: s.value for s in samples(text) if s.name == "rlmon_worst_rank_last_step"}
+    assert len(named) == 5 and named["17"] == 3 and named["42"] == 3
+
+
+def test_scrape_of_1024_ranks_stays_small():
+    """A 1,024-rank, 50-metric snapshot scrapes to aggregates only (timing is a benchmark, not here)."""
+    text = scrape(make_snapshot(ranks=1024, metrics=50), max_rank_labels=64)
+    assert len(samples(text)) < 2000
