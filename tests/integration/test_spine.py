@@ -273,3 +273,31 @@ def test_checkpoint_rule_makes_both_ranks_checkpoint_at_the_same_step(tmp_path):
     checkpoints = ranks[0]["checkpoints"]
     assert checkpoints and checkpoints[0] > 30, "one checkpoint per critical alert, after the spike"
     assert all(b - a >= 10 for a, b in zip(checkpoints, checkpoints[1:])), "cooldown_steps apart"
+
+
+def test_report_rebuilt_after_the_collector_was_killed(tmp_path):
+    """kill -9 of the collector mid-run, then `rlmon report DIR`: every report file is written
+    from the event log, plots and HTML included."""
+    out = tmp_path / "run"
+    with running_collector(out) as (collector, info):
+        command = [*torchrun_command(2), str(TOY_TRAINER), "--out", str(tmp_path / "ranks"),
+                   "--steps", "300", "--step-seconds", "0.005", "--rl-metrics"]
+        job = subprocess.Popen(command, env=child_env(RLMON_ENDPOINT=info["endpoint"]),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            scrape_until(info["metrics_url"], lambda t: (sample_value(
+                t, "rlmon_rank_last_step", rank="1") or 0) > 40, 120, "rank 1 past step 40")
+            collector.kill()
+            collector.wait(30)
+            job.wait(240)
+        finally:
+            stop_process(job)
+    assert not (out / "training_report.json").exists(), "a killed collector wrote no report"
+    rebuilt = subprocess.run([*rlmon_command(), "report", str(out)], env=child_env(),
+                             capture_output=True, text=True, timeout=180)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    report = read_json(out / "training_report.json")
+    assert report["metrics"]["reward"]["count"] > 40
+    for name in ("training_report.md", "final_summary.html", "monitoring_data.json",
+                 "final_dashboard.png", "rewards.png", "kl_divergence.png", "reward_history.png"):
+        assert (out / name).stat().st_size > 0, name
