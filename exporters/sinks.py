@@ -32,8 +32,10 @@ Errors::
 A sink that fails while running (a bug, a full disk, wandb's service gone) is switched off and
 its error kept in :attr:`SinkStatistics.failed`; the other sink carries on.
 
-Imports: stdlib, :mod:`rlmon.wire` and :mod:`collector.eventlog` at import time; ``tensorboard``
-and ``wandb`` only inside :class:`TensorBoardSink` and :class:`WandbOfflineSink`.
+Imports: stdlib, :mod:`rlmon.wire` and :mod:`collector.eventlog` at import time (plus what the
+``exporters`` package's ``__init__`` loads: prometheus_client, numpy); ``tensorboard`` and
+``wandb`` only inside :class:`TensorBoardSink` and :class:`WandbOfflineSink`. The rank side
+imports none of this module.
 """
 
 from __future__ import annotations
@@ -102,11 +104,12 @@ class EventLogTail:
     """Reads ``DIR/events.rlog`` as it grows, from a byte offset, never re-reading a record.
 
     :meth:`poll` yields the decoded messages of the complete records written since the previous
-    call. A record whose bytes are not all there yet, or whose checksum does not (yet) match, is
-    left for a later call: the writer may be in the middle of it. Once the writer is done, such a
-    record is a torn or corrupt tail: nothing after it is trusted, and :attr:`pending_bytes` says
-    how many bytes it covers. Frames that fail :func:`rlmon.wire.decode` are skipped and counted in
-    :attr:`rejected`. Not thread-safe; one reader per instance.
+    call. A record whose bytes are not all there yet is left for a later call (the writer may be
+    in the middle of it); once the writer is done it is a torn tail, and :attr:`pending_bytes`
+    counts it. A record that is all there but fails its checksum, or whose length exceeds any
+    frame's, is corruption: :attr:`corrupt` becomes true and nothing after it is read or trusted,
+    as the collector's own replay does. Frames that fail :func:`rlmon.wire.decode` are skipped
+    and counted in :attr:`rejected`. Not thread-safe; one reader per instance.
     """
 
     def __init__(self, path: Path, chunk_bytes: int = 4 << 20) -> None:
@@ -116,6 +119,8 @@ class EventLogTail:
         """Complete records read so far (decoded or rejected)."""
         self.rejected: Counter[str] = Counter()
         """Records whose frame :func:`rlmon.wire.decode` refused, by reason."""
+        self.corrupt = False
+        """True once a complete record failed its checksum: reading stops there for good."""
         self._file = None
         self._read_to = 0  # file offset up to which bytes are in the buffer or consumed
         self._buffer = b""  # bytes read but not yet consumed as whole records
@@ -123,22 +128,26 @@ class EventLogTail:
 
     @property
     def offset(self) -> int:
-        """File offset just past the last complete record read."""
-        return self._read_to - len(self._buffer)
+        """File offset just past the last complete record read (0 before the magic)."""
+        return self._read_to - len(self._buffer) if self._has_magic else 0
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes read past :attr:`offset` that do not (yet) form a valid record."""
-        return len(self._buffer)
+        """Bytes of the file past :attr:`offset`: a record being written, or a torn/corrupt tail."""
+        try:
+            return max(0, self.path.stat().st_size - self.offset)
+        except OSError:
+            return 0
 
     def poll(self) -> Iterator[Message]:
         """Yield every message of the complete records available now, in log order.
 
-        Returns at the end of the file (or at an incomplete record) without waiting. Raises
-        :class:`~rlmon.errors.ConfigError` when the file is not an rlmon event log or shrank."""
+        Returns at the end of the file, at an incomplete record or at corruption, without
+        waiting. Raises :class:`~rlmon.errors.ConfigError` when the file is not an rlmon event
+        log or shrank."""
         if self._file is None and not self._open():
             return
-        while True:
+        while not self.corrupt:
             chunk = self._read_chunk()
             for payload in self._complete_records():
                 message = self._decode(payload)
@@ -169,19 +178,25 @@ class EventLogTail:
         self._buffer += chunk
         return chunk
 
-    def _complete_records(self) -> Iterator[bytes]:
+    def _complete_records(self) -> list[bytes]:
+        """Take the whole records off the buffer (a list, so the state is updated before any
+        caller sees a record: an abandoned iteration never replays one)."""
         if not self._has_magic and not self._consume_magic():
-            return
-        data, offset = self._buffer, 0
+            return []
+        data, offset, payloads = self._buffer, 0, []
         while offset + _HEADER.size <= len(data):
             length, crc = _HEADER.unpack_from(data, offset)
-            end = offset + _HEADER.size + length
-            if end > len(data) or zlib.crc32(data[offset + _HEADER.size:end]) != crc:
+            start, end = offset + _HEADER.size, offset + _HEADER.size + length
+            if length > wire.MAX_FRAME_BYTES or (end <= len(data) and zlib.crc32(data[start:end]) != crc):
+                self.corrupt = True
                 break
-            yield data[offset + _HEADER.size:end]
+            if end > len(data):
+                break
+            payloads.append(data[start:end])
             offset = end
-            self.records += 1
         self._buffer = data[offset:]
+        self.records += len(payloads)
+        return payloads
 
     def _consume_magic(self) -> bool:
         head = self._buffer[:len(MAGIC)]
@@ -256,6 +271,7 @@ class StepAssembler:
         self._newest = -math.inf
         self._rank_step: dict[int, int] = {}  # furthest step each rank logged
         self._live: dict[int, set[int]] = defaultdict(set)  # rank -> incarnations not yet gone
+        self._gone: set[tuple[int, int]] = set()  # (rank, incarnation) that said BYE
         self._last_seq: dict[tuple[int, int], int] = {}
         self._stops: list[StopEvent] = []
 
@@ -270,6 +286,7 @@ class StepAssembler:
                 self._on_batch(message)
             elif message.kind is Kind.BYE:
                 self._live[message.rank].discard(message.inc)
+                self._gone.add((message.rank, message.inc))
 
     def ready(self) -> list[StepRow]:
         """Rows every live rank has moved past, or that fell behind the pending horizon."""
@@ -305,7 +322,8 @@ class StepAssembler:
             self.duplicates += 1
             return
         self._last_seq[identity] = seq
-        self._live[message.rank].add(message.inc)
+        if identity not in self._gone:
+            self._live[message.rank].add(message.inc)
         self.world_size = max(self.world_size, message.rank + 1)
         for block in message.fields["blocks"]:
             self._add_block(message.rank, block)
@@ -620,6 +638,8 @@ class SinkStatistics:
     steps: int = 0
     stops: int = 0
     torn_tail_bytes: int = 0
+    corrupt_at: int | None = None
+    """File offset of a corrupt record, where reading stopped for good; None when there was none."""
     seconds: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -726,12 +746,14 @@ def run_sinks(run_dir: Path, *, tensorboard: bool = False, wandb: bool = False,
     stats.records, stats.rejected = tail.records, dict(tail.rejected)
     stats.duplicates, stats.late_values = assembler.duplicates, assembler.late_values
     stats.wrong_type, stats.torn_tail_bytes = assembler.wrong_type, tail.pending_bytes
+    stats.corrupt_at = tail.offset if tail.corrupt else None
     return stats
 
 
 def _pump(tail: EventLogTail, assembler: StepAssembler, driver: _Driver,
           watch: CollectorWatch | None, stop_event: threading.Event, poll_interval: float) -> None:
     """Read and export until the log is drained and (when following) the collector is done."""
+    warned = False
     while driver.sinks:
         done = watch is None or stop_event.is_set() or watch.finished()  # decided before reading
         before = tail.records
@@ -741,6 +763,10 @@ def _pump(tail: EventLogTail, assembler: StepAssembler, driver: _Driver,
                 driver.write(assembler.ready(), assembler.take_stops())
         driver.write(assembler.ready(), assembler.take_stops())
         grew = tail.records > before
+        if tail.corrupt and not warned:
+            log.warning("corrupt record at byte %d of %s: nothing after it is exported",
+                        tail.offset, tail.path)
+            warned = True
         if done and not grew:
             return
         driver.flush_now_and_then()

@@ -80,7 +80,9 @@ def _summary(stats) -> str:
     dropped = (f"{stats.duplicates} duplicate batches, {stats.late_values} late values, "
                f"{stats.wrong_type} non-numbers, {sum(stats.rejected.values())} bad records, "
                f"{stats.torn_tail_bytes} bytes of incomplete tail")
-    return f"rlmon sinks: {stats.steps} steps, {stats.stops} stops exported ({costs}); skipped {dropped}"
+    corrupt = "" if stats.corrupt_at is None else f"; a corrupt record at byte {stats.corrupt_at} ended the log"
+    return (f"rlmon sinks: {stats.steps} steps, {stats.stops} stops exported ({costs}); "
+            f"skipped {dropped}{corrupt}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ tensorboard or wandb skip when the package is missing, and fail instead when ``C
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 
 from collector.eventlog import FILE_NAME, EventLog
 from exporters.sinks import (CollectorWatch, EventLogTail, SinkOptions, StepAssembler,
-                             process_alive, row_scalars, run_sinks)
+                             process_alive, row_scalars)
 from rlmon import wire
 from rlmon.config import RankConfig
 from rlmon.monitor import Monitor
@@ -33,10 +34,9 @@ WORLD = 2
 
 
 def _need(module: str) -> None:
-    """Skip without ``module``; in CI a missing sink package is a failure, not a skip."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
+    """Skip without ``module``; in CI a missing sink package is a failure, not a skip. Looks the
+    package up without importing it (importing wandb patches this process's stdout)."""
+    if importlib.util.find_spec(module) is None:
         if os.environ.get("CI"):
             pytest.fail(f"{module} is not installed (the test extra must bring it)")
         pytest.skip(f"{module} not installed")
@@ -44,6 +44,10 @@ def _need(module: str) -> None:
 
 def _reward(step: int, rank: int) -> float:
     return step / 10 + rank
+
+
+def _kl(step: int) -> float:
+    return 0.001 * step  # below the KL detector's threshold: no stop in these runs
 
 
 def _publish(endpoint: str, steps: range, run_id: str = "sinks") -> None:
@@ -54,7 +58,7 @@ def _publish(endpoint: str, steps: range, run_id: str = "sinks") -> None:
     try:
         for step in steps:
             for rank, mon in enumerate(monitors):
-                mon.log(step, {"reward": _reward(step, rank), "kl": 0.01 * step})
+                mon.log(step, {"reward": _reward(step, rank), "kl": _kl(step)})
     finally:
         for mon in monitors:
             mon.close()
@@ -75,6 +79,8 @@ def _tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     """Every scalar series in ``log_dir`` through TensorBoard's own loader: tag -> step -> value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not log_dir.is_dir():  # the sink has not started writing yet
+        return {}
     accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
     accumulator.Reload()
     return {tag: {e.step: e.value for e in accumulator.Scalars(tag)}
@@ -106,12 +112,10 @@ def _wandb_records(run_file: Path):
             yield record
 
 
-def _wandb_run(out: Path) -> tuple[dict, dict[int, dict[str, float]], dict]:
-    """(run record fields, history step -> row, final summary) of the one offline run in ``out``."""
-    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1, runs
+def read_wandb_run(run_file: str) -> dict:
+    """Run name and project, history (step -> row) and final summary of one ``run-*.wandb``."""
     run, history, summary = {}, {}, {}
-    for record in _wandb_records(runs[0]):
+    for record in _wandb_records(Path(run_file)):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = {"name": record.run.display_name, "project": record.run.project}
@@ -122,7 +126,24 @@ def _wandb_run(out: Path) -> tuple[dict, dict[int, dict[str, float]], dict]:
         elif kind == "summary":
             summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
                             for i in record.summary.update})
-    return run, history, summary
+    return {"run": run, "history": history, "summary": summary}
+
+
+def _wandb_run(out: Path) -> tuple[dict, dict[int, dict[str, float]], dict]:
+    """(run, history, summary) of the one offline run in ``out``, read in a child process:
+    importing wandb patches ``sys.stdout``/``sys.stderr`` for good, which pytest's process must
+    not suffer."""
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    script = ("import json, sys\n"
+              "from tests.integration.test_sinks import read_wandb_run\n"
+              "print(json.dumps(read_wandb_run(sys.argv[1])))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(runs[0])], env=child_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    content = json.loads(result.stdout)
+    history = {int(step): row for step, row in content["history"].items()}
+    return content["run"], history, content["summary"]
 
 
 def _check_tensorboard(out: Path, steps: range) -> None:
@@ -132,7 +153,7 @@ def _check_tensorboard(out: Path, steps: range) -> None:
         assert scalars[f"reward/rank{rank}"] == pytest.approx(
             {s: _reward(s, rank) for s in steps}, rel=1e-6)
     assert scalars["reward/mean"] == pytest.approx({s: s / 10 + 0.5 for s in steps}, rel=1e-6)
-    assert scalars["kl/mean"] == pytest.approx({s: 0.01 * s for s in steps}, rel=1e-6, abs=1e-9)
+    assert scalars["kl/mean"] == pytest.approx({s: _kl(s) for s in steps}, rel=1e-6, abs=1e-9)
 
 
 def _check_wandb(out: Path, steps: range, run_id: str) -> None:
@@ -179,14 +200,14 @@ def test_follow_exports_while_the_run_goes_on_and_exits_when_the_collector_does(
             try:
                 for step in range(20):
                     for rank, mon in enumerate(monitors):
-                        mon.log(step, {"reward": _reward(step, rank), "kl": 0.01 * step})
+                        mon.log(step, {"reward": _reward(step, rank), "kl": _kl(step)})
                 # both ranks are at step 19, so every step before it is complete and exported
                 wait_for(lambda: 18 in _tensorboard_scalars(tmp_path / "tensorboard").get(
                     "reward/mean", {}), 30, "step 18 in TensorBoard while the run goes on")
                 assert sink.poll() is None
                 for step in range(20, 40):
                     for rank, mon in enumerate(monitors):
-                        mon.log(step, {"reward": _reward(step, rank), "kl": 0.01 * step})
+                        mon.log(step, {"reward": _reward(step, rank), "kl": _kl(step)})
             finally:
                 for mon in monitors:
                     mon.close()
@@ -200,6 +221,26 @@ def test_follow_exports_while_the_run_goes_on_and_exits_when_the_collector_does(
     _check_wandb(tmp_path, range(40), "live")
 
 
+def test_sigterm_ends_a_follow_with_everything_read_so_far_written(tmp_path):
+    """SIGTERM makes a following sink drain the log, write every pending step and exit 0, while
+    the collector goes on."""
+    _need("tensorboard")
+    with running_collector(tmp_path) as (_, info):
+        sink = subprocess.Popen(_sink_command(tmp_path, "--tensorboard", "--follow"),
+                                env=_sink_env(tmp_path), stdin=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            _publish(info["endpoint"], range(5))
+            wait_for(lambda: 3 in _tensorboard_scalars(tmp_path / "tensorboard").get(
+                "reward/mean", {}), 30, "step 3 in TensorBoard")
+            sink.send_signal(signal.SIGTERM)
+            _, stderr = sink.communicate(timeout=30)
+        finally:
+            stop_process(sink)
+        assert sink.returncode == 0, stderr
+    _check_tensorboard(tmp_path, range(5))
+
+
 def test_a_stop_decision_reaches_both_sinks(tmp_path):
     """A STOP_STATE record becomes TensorBoard text at the stop step and W&B summary fields."""
     _need("tensorboard")
@@ -209,8 +250,9 @@ def test_a_stop_decision_reaches_both_sinks(tmp_path):
     log.append(wire.encode(wire.envelope(Kind.STOP_STATE, "r", -1, 0, gen=1, at=14, reason="KL too high",
                                          sev="CRITICAL", t=1700000002.0, src="detector:kl_high")))
     log.close()
-    stats = run_sinks(tmp_path, tensorboard=True, wandb=True)
-    assert (stats.steps, stats.stops, stats.failed) == (2, 1, {})
+    result = subprocess.run(_sink_command(tmp_path, "--tensorboard", "--wandb"),
+                            env=_sink_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "2 steps, 1 stops" in result.stderr, result.stderr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -284,7 +326,10 @@ def test_tail_stops_at_a_corrupt_record_and_counts_its_bytes(tmp_path):
     path.write_bytes(bytes(data))
     tail = EventLogTail(path)
     assert [m.fields["seq"] for m in tail.poll()] == [1]
-    assert tail.pending_bytes == len(_batch(0, 2, [2], [[2.0]])) + 8
+    assert tail.corrupt and tail.pending_bytes == len(_batch(0, 2, [2], [[2.0]])) + 8
+    with open(path, "ab") as file:  # records after the corruption are not trusted either
+        file.write(struct.pack("<II", 1, zlib.crc32(b"x")) + b"x")
+    assert list(tail.poll()) == [] and tail.records == 1
 
 
 def test_tail_refuses_a_file_that_is_not_an_event_log(tmp_path):
