@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one rule setting, e.g. kl.critical_above=0.3 (repeatable)")
     parser.add_argument("--visualization-frequency", type=int, default=500,
                         help="write dashboard_step_N.png and summary_step_N.html every N steps (0: off)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard event files to DIR/tensorboard (a sink process)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also write a W&B run in offline mode to DIR/wandb (a sink process)")
     parser.add_argument("--capacity", type=int, default=10_000, help="points kept per series")
     parser.add_argument("--max-series", type=int, default=4_096, help="most (metric, rank) series")
 
@@ -76,6 +80,7 @@ def collector_args(args: argparse.Namespace) -> list[str]:
             "--kl-threshold", str(args.kl_threshold), "--capacity", str(args.capacity),
             "--max-series", str(args.max_series),
             "--visualization-frequency", str(args.visualization_frequency),
+            *(["--tensorboard"] if args.tensorboard else []), *(["--wandb"] if args.wandb else []),
             "--reward-hack-threshold", str(args.reward_hack_threshold),
             "--window-size", str(args.window_size), "--sample-size", str(args.sample_size),
             "--comparison-frequency", str(args.comparison_frequency),
@@ -99,7 +104,20 @@ def build_service(args: argparse.Namespace) -> CollectorService:
     return CollectorService(ServiceConfig(
         out_dir=args.out, endpoint=args.endpoint, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port, parent_pid=getattr(args, "parent_pid", 0), state=state,
-        visualization_frequency=args.visualization_frequency, metrics_tls=_tls_of(args)))
+        visualization_frequency=args.visualization_frequency, metrics_tls=_tls_of(args),
+        sinks=_sinks_of(args)))
+
+
+def _sinks_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The sinks asked for, checked to be installed now rather than failing later."""
+    import importlib.util
+
+    sinks = tuple(name for name in ("tensorboard", "wandb") if getattr(args, name))
+    for name in sinks:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--{name}", f"the {name} sink needs the '{name}' package: "
+                                           f"pip install 'rlmon[{name}]'")
+    return sinks
 
 
 def _tls_of(args: argparse.Namespace) -> dict[str, str]:

@@ -24,11 +24,18 @@ FILE_NAME = "events.rlog"
 
 
 class EventLog:
-    """Append-only writer. Not thread-safe: owned by the collector's receive loop."""
+    """Append-only writer. Not thread-safe: owned by the collector's receive loop.
+
+    Reopening an existing log first cuts off a torn or corrupt tail (``truncated_bytes``), so
+    records appended after a crash are never hidden behind a record no reader trusts."""
+
+    truncated_bytes = 0
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / FILE_NAME
         is_new = not self.path.exists() or self.path.stat().st_size == 0
+        if not is_new:
+            self.truncated_bytes = _cut_torn_tail(self.path)
         self._file: BinaryIO = open(self.path, "ab")
         if is_new:
             self._file.write(MAGIC)
@@ -82,3 +89,15 @@ def read_records(path: Path, result: list[ReadResult] | None = None) -> Iterator
         offset, count = end, count + 1
     if result is not None:
         result.append(ReadResult(count, len(data) - offset))
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Truncate ``path`` after its last intact record; return how many bytes were cut."""
+    results: list[ReadResult] = []
+    for _ in read_records(path, results):
+        pass
+    skipped = results[0].skipped_bytes if results else 0
+    if skipped:
+        with open(path, "r+b") as file:
+            file.truncate(path.stat().st_size - skipped)
+    return skipped

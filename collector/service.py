@@ -14,6 +14,8 @@ import logging
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ from rlmon.wire import Kind
 
 log = logging.getLogger("rlmon.collector")
 
+#: Seconds a sink process may take to drain the event log after the collector finished.
+SINK_DRAIN_SECONDS = 60.0
 #: Frames handled per loop iteration before the group commit and the acknowledgements.
 MAX_FRAMES_PER_ITERATION = 2000
 
@@ -58,6 +62,8 @@ class ServiceConfig:
     """Finish when this process is gone (the embedded default); 0 to disable."""
     metrics_tls: dict[str, str] = field(default_factory=dict)
     """``certfile``/``keyfile`` (HTTPS) and ``client_cafile`` (require client certificates)."""
+    sinks: tuple[str, ...] = ()
+    """Exporters run as a child process tailing the event log: ``tensorboard``, ``wandb``."""
     visualization_frequency: int = 500
     """Write dashboard_step_N.png and summary_step_N.html every this many steps (0: never)."""
     state: StateConfig = field(default_factory=lambda: StateConfig(run_id="run"))
@@ -88,6 +94,7 @@ class CollectorService:
         self.endpoint = ""
         self.metrics_url = ""
         self._renderer = StepRenderer(self)
+        self._sink_process: subprocess.Popen | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -107,6 +114,31 @@ class CollectorService:
                                 **self.config.metrics_tls)
             self.metrics_url = self._metrics.url
         self._write_collector_json()
+        self._start_sinks()
+
+    def _start_sinks(self) -> None:
+        """Start the sink process (TensorBoard / W&B offline) beside this collector."""
+        if not self.config.sinks:
+            return
+        command = [sys.executable, "-m", "exporters.sinks_main", "--out", str(self.out_dir),
+                   "--follow", "--collector-pid", str(os.getpid()),
+                   *[f"--{name}" for name in self.config.sinks]]
+        self._sink_process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+    def _stop_sinks(self) -> None:
+        """Let the sink drain the log (it ends by itself once this collector is finished)."""
+        process, self._sink_process = self._sink_process, None
+        if process is None:
+            return
+        try:
+            process.wait(SINK_DRAIN_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
 
     def request_stop(self, *_: Any) -> None:
         """End the receive loop soon (signal-handler safe)."""
@@ -162,6 +194,7 @@ class CollectorService:
         written = write_final_reports(snapshot, self.out_dir)
         written += render_final(snapshot, self.out_dir)
         self.close()
+        self._stop_sinks()
         return written
 
     def close(self) -> None:

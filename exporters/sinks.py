@@ -432,14 +432,13 @@ class TensorBoardSink:
     name = "tensorboard"
 
     def __init__(self, log_dir: Path, flush_secs: float = 1.0) -> None:
-        writer_module = _import("tensorboard.summary.writer.event_file_writer", "tensorboard",
-                                "tensorboard", "TensorBoard")
-        self._event_pb2 = _import("tensorboard.compat.proto.event_pb2", "tensorboard",
-                                  "tensorboard", "TensorBoard")
-        self._summary_pb2 = _import("tensorboard.compat.proto.summary_pb2", "tensorboard",
-                                    "tensorboard", "TensorBoard")
-        self._text = _import("tensorboard.plugins.text.summary_v2", "tensorboard", "tensorboard",
-                             "TensorBoard")
+        def tensorboard(module: str) -> Any:
+            return _import(f"tensorboard.{module}", "tensorboard", "tensorboard", "TensorBoard")
+
+        writer_module = tensorboard("summary.writer.event_file_writer")
+        self._event_pb2 = tensorboard("compat.proto.event_pb2")
+        self._summary_pb2 = tensorboard("compat.proto.summary_pb2")
+        self._text = tensorboard("plugins.text.summary_v2")
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("events.out.tfevents.*"):

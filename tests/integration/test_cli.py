@@ -111,3 +111,37 @@ def test_metrics_over_tls_with_client_certificates(tmp_path):
             assert "rlmon_build_info" in reply.read().decode()
     finally:
         stop_process(process)
+
+
+def test_launch_with_tensorboard_writes_event_files(tmp_path):
+    """`rlmon launch --tensorboard` runs the sink beside the collector: TensorBoard's own loader
+    reads every step of the ranks' metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.integration.helpers import TOY_TRAINER, torchrun_command
+
+    out = tmp_path / "run"
+    result = subprocess.run([*rlmon_command(), "launch", "--out", str(out), "--tensorboard", "--",
+                             *torchrun_command(2), str(TOY_TRAINER), "--out", str(tmp_path / "r"),
+                             "--steps", "30", "--step-seconds", "0.001"],
+                            env=child_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    accumulator = EventAccumulator(str(out / "tensorboard"))
+    accumulator.Reload()
+    steps = [event.step for event in accumulator.Scalars("reward/mean")]
+    assert steps == list(range(30))
+    assert len(accumulator.Scalars("reward/rank1")) == 30
+
+
+def test_missing_sink_package_is_refused_at_start(tmp_path):
+    """A sink whose package is not installed is refused at start, naming the extra."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import importlib.util as u\n_orig = u.find_spec\n"
+        "u.find_spec = lambda name, *a: None if name == 'wandb' else _orig(name, *a)\n")
+    env = child_env()
+    env["PYTHONPATH"] = f"{fake}:{env['PYTHONPATH']}"
+    result = subprocess.run([*rlmon_command(), "collector", "--out", str(tmp_path / "run"),
+                             "--wandb"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "rlmon[wandb]" in result.stderr

@@ -418,3 +418,44 @@ def test_sink_options_are_validated():
         SinkOptions(poll_interval=0)
     with pytest.raises(ValueError, match="max-pending-steps"):
         SinkOptions(max_pending_steps=0)
+
+
+class _RecordingSink:
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, float]] = {}
+        self.closed = False
+
+    def write_step(self, step, wall_time, scalars):
+        self.steps[step] = scalars
+
+    def write_stop(self, stop):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class _FailingSink(_RecordingSink):
+    name = "failing"
+
+    def write_step(self, step, wall_time, scalars):
+        raise OSError("disk full")
+
+
+def test_a_failing_sink_is_switched_off_and_the_other_carries_on(tmp_path, monkeypatch):
+    """One sink raising costs that sink only: the other gets every step, the error is reported."""
+    import exporters.sinks
+
+    log = EventLog(tmp_path)
+    log.append(_batch(0, 1, [0, 1, 2], [[0.0], [1.0], [2.0]]))
+    log.close()
+    good, bad = _RecordingSink(), _FailingSink()
+    monkeypatch.setattr(exporters.sinks, "open_sinks", lambda *a, **k: [bad, good])
+    stats = exporters.sinks.run_sinks(tmp_path, tensorboard=True)
+    assert sorted(good.steps) == [0, 1, 2] and good.closed
+    assert stats.failed == {"failing": "OSError: disk full"} and stats.steps == 3

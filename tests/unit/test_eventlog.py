@@ -58,3 +58,14 @@ def test_not_a_log_is_an_error(tmp_path):
     path.write_bytes(b"hello world")
     with pytest.raises(ValueError):
         list(read_records(path))
+
+
+def test_reopening_cuts_a_torn_tail_so_new_records_are_readable(tmp_path):
+    """A writer reopened after a crash mid-record truncates the torn tail before appending."""
+    path = _write(tmp_path, [b"first", b"second-record"])
+    path.write_bytes(path.read_bytes()[:-4])
+    log = EventLog(tmp_path)
+    assert log.truncated_bytes > 0
+    log.append(b"after-restart")
+    log.close()
+    assert list(read_records(path)) == [b"first", b"after-restart"]
