@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-keyfile", default=None, help="the certificate's private key")
     parser.add_argument("--metrics-client-cafile", default=None,
                         help="require client certificates signed by this CA (mutual TLS)")
+    parser.add_argument("--max-rank-labels", type=int, default=64,
+                        help="per-rank series on /metrics up to this many ranks; past it, "
+                             "aggregates and the worst 5 ranks only")
     parser.add_argument("--run-id", default="", help="run id (default: a fresh one)")
     parser.add_argument("--world-size", type=int, default=1,
                         help="ranks expected (ranks also announce it themselves)")
@@ -80,6 +83,7 @@ def collector_args(args: argparse.Namespace) -> list[str]:
             "--kl-threshold", str(args.kl_threshold), "--capacity", str(args.capacity),
             "--max-series", str(args.max_series),
             "--visualization-frequency", str(args.visualization_frequency),
+            "--max-rank-labels", str(args.max_rank_labels),
             *(["--tensorboard"] if args.tensorboard else []), *(["--wandb"] if args.wandb else []),
             "--reward-hack-threshold", str(args.reward_hack_threshold),
             "--window-size", str(args.window_size), "--sample-size", str(args.sample_size),
@@ -105,7 +109,7 @@ def build_service(args: argparse.Namespace) -> CollectorService:
         out_dir=args.out, endpoint=args.endpoint, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port, parent_pid=getattr(args, "parent_pid", 0), state=state,
         visualization_frequency=args.visualization_frequency, metrics_tls=_tls_of(args),
-        sinks=_sinks_of(args)))
+        sinks=_sinks_of(args), max_rank_labels=args.max_rank_labels))
 
 
 def _sinks_of(args: argparse.Namespace) -> tuple[str, ...]:
@@ -217,6 +221,8 @@ def _check_positive(args: argparse.Namespace) -> None:
         raise ConfigError("--max-series", "must be >= 1")
     if not args.kl_threshold > 0:
         raise ConfigError("--kl-threshold", "must be > 0")
+    if args.max_rank_labels < 0:
+        raise ConfigError("--max-rank-labels", "must be >= 0")
     if args.visualization_frequency < 0:
         raise ConfigError("--visualization-frequency", "must be >= 0")
     for flag in ("window_size", "sample_size", "comparison_frequency"):

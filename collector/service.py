@@ -62,6 +62,8 @@ class ServiceConfig:
     """Finish when this process is gone (the embedded default); 0 to disable."""
     metrics_tls: dict[str, str] = field(default_factory=dict)
     """``certfile``/``keyfile`` (HTTPS) and ``client_cafile`` (require client certificates)."""
+    max_rank_labels: int = 64
+    """Per-rank series on /metrics up to this many ranks (aggregates and worst-k past it)."""
     sinks: tuple[str, ...] = ()
     """Exporters run as a child process tailing the event log: ``tensorboard``, ``wandb``."""
     visualization_frequency: int = 500
@@ -109,7 +111,8 @@ class CollectorService:
         self._bind()
         self._publish_snapshot(time.time())
         if self.config.metrics_port >= 0:
-            self._metrics = MetricsServer(lambda: self._snapshot)
+            self._metrics = MetricsServer(lambda: self._snapshot,
+                                          max_rank_labels=self.config.max_rank_labels)
             self._metrics.start(self.config.metrics_host, self.config.metrics_port,
                                 **self.config.metrics_tls)
             self.metrics_url = self._metrics.url
