@@ -88,6 +88,8 @@ def _add_demo(commands) -> None:
     sub = commands.add_parser("demo", help="a small GRPO training on CPU, 2 ranks, monitored")
     sub.add_argument("--out", type=Path, default=Path("rlmon_demo_out"), help="run directory")
     sub.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
+    sub.add_argument("--visualization-frequency", type=int, default=50,
+                     help="dashboard_step_N.png and summary_step_N.html every N steps")
     sub.add_argument("train_args", nargs=argparse.REMAINDER,
                      help="flags for the training script after --, e.g. -- --inject none "
                           f"(default: {' '.join(DEFAULT_DEMO_ARGS)})")
@@ -144,7 +146,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
                "-m", "rlmon.demo.train_grpo", *train_args]
-    flags = ["--out", str(args.out), "--visualization-frequency", "50"]
+    flags = ["--out", str(args.out), "--visualization-frequency", str(args.visualization_frequency)]
     code = launch(args.out, command, flags)
     _print_demo_summary(args.out)
     return code

@@ -12,7 +12,7 @@ def test_demo_stops_both_ranks_at_the_same_step(tmp_path):
     """A quick demo with an injected KL blow-up: alert, coordinated stop, reports, exit 0."""
     out = tmp_path / "demo"
     result = subprocess.run(
-        [*rlmon_command(), "demo", "--out", str(out), "--",
+        [*rlmon_command(), "demo", "--out", str(out), "--visualization-frequency", "5", "--",
          "--quick", "--inject", "kl_blowup", "--inject_step", "4"],
         env=child_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     output = result.stdout + result.stderr
@@ -24,5 +24,11 @@ def test_demo_stops_both_ranks_at_the_same_step(tmp_path):
     assert report["summary"]["early_stopped"] and "KL" in report["summary"]["stop_reason"]
     assert "metrics at http://127.0.0.1:" in output
     assert (out / "training_report.md").exists()
-    for name in ("reward", "kl", "rewards/check_answer", "span/rollout"):
+    for name in ("reward", "kl", "rewards/check_answer", "span/rollout",
+                 "reward_fn/check_answer/calls"):
         assert report["metrics"][name]["count"] > 0, name
+    for name in ("final_summary.html", "monitoring_data.json", "final_dashboard.png",
+                 "loss_curves.png", "rewards.png", "kl_divergence.png", "quality_metrics.png",
+                 "ppo_mechanics.png", "reward_history.png", "reward_distributions.png",
+                 "reward_statistics.png", "dashboard_step_5.png", "summary_step_5.html"):
+        assert (out / name).stat().st_size > 0, name

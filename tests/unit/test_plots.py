@@ -26,7 +26,6 @@ from snapshot_factory import (T0, ema, grpo_collector_snapshot, make_metric, mak
 DPI = 60
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEED_PNGS = set(plots.PLOT_FILES)
-DEMO_DIR = Path(os.environ.get("RLMON_DEMO_DIR", "/tmp/demo1"))
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -64,15 +63,6 @@ def grpo_reports(grpo_snapshot, tmp_path_factory) -> tuple[Path, list[Path]]:
     return directory, render_reports(grpo_snapshot, directory, dpi=DPI)
 
 
-@pytest.fixture(scope="module")
-def demo_snapshot() -> CollectorSnapshot:
-    """The recorded demo run, replayed (skipped where the demo directory does not exist)."""
-    if not (DEMO_DIR / "events.rlog").exists():
-        pytest.skip(f"no demo run at {DEMO_DIR} (set RLMON_DEMO_DIR)")
-    from collector.cli import replay
-    return replay(DEMO_DIR).snapshot(time.time(), with_history=True, finished=True)
-
-
 def test_factory_snapshot_gets_every_plot_but_ppo(factory_snapshot, tmp_path):
     """The factory's metrics (no PPO-only ones) give every plot except ppo_mechanics.png."""
     paths = plots.write_all_plots(factory_snapshot, tmp_path, dpi=DPI)
@@ -87,16 +77,6 @@ def test_collector_snapshot_gets_every_plot(grpo_reports):
     pngs = [p for p in paths if p.suffix == ".png"]
     assert [p.name for p in pngs] == list(plots.PLOT_FILES)
     assert_valid_pngs(pngs)
-
-
-def test_demo_snapshot_renders_every_report_file(demo_snapshot, tmp_path):
-    """The replayed demo gives every PNG, the JSON and the HTML, and a step dashboard."""
-    final = render_reports(demo_snapshot, tmp_path, dpi=DPI)
-    names = {p.name for p in final}
-    assert SEED_PNGS | {"monitoring_data.json", "final_summary.html"} <= names
-    step = render_reports(demo_snapshot, tmp_path, step=150, dpi=DPI)
-    assert [p.name for p in step] == ["dashboard_step_150.png", "summary_step_150.html"]
-    assert_valid_pngs([p for p in final + step if p.suffix == ".png"])
 
 
 def test_dpi_scales_the_image(grpo_snapshot):
