@@ -158,6 +158,9 @@ def _print_demo_summary(out_dir: Path) -> None:
         print(f"\nrlmon demo: report at {report_md.resolve()}")
         print(f"rlmon demo: JSON at {(out_dir / 'training_report.json').resolve()}")
         print(f"rlmon demo: alerts at {(out_dir / 'alerts.jsonl').resolve()}")
+        if (out_dir / "final_summary.html").exists():
+            print(f"rlmon demo: open {(out_dir / 'final_summary.html').resolve()} in a browser "
+                  f"(plots: {(out_dir / 'final_dashboard.png').resolve()})")
 
 
 def _free_port() -> int:
