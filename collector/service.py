@@ -271,7 +271,8 @@ class CollectorService:
         except FrameRejected as exc:
             self.state.reject(exc.reason)
             return
-        if message.kind in (Kind.ACK, Kind.STOP_STATE, Kind.REFUSED, Kind.CHECKPOINT_STATE):
+        if message.kind in (Kind.ACK, Kind.STOP_STATE, Kind.REFUSED, Kind.CHECKPOINT_STATE,
+                            Kind.RESULT):
             self.state.reject("unexpected_kind")
             return
         if message.kind in (Kind.BATCH, Kind.HELLO, Kind.BYE) and self._event_log is not None:

@@ -116,7 +116,7 @@ class CollectorState:
         if handler is None:
             self.reject("unexpected_kind")
             return []
-        if not (message.rank == -1 and message.kind is Kind.STOP_REQUEST
+        if not (message.rank == -1 and message.kind in (Kind.STOP_REQUEST, Kind.QUERY)
                 or message.kind is Kind.STOP_STATE) and not 0 <= message.rank < MAX_RANKS:
             self.reject("bad_rank")
             return []
@@ -205,6 +205,22 @@ class CollectorState:
         self.stop.restore(StopSnapshot(f["gen"], f["at"], f["reason"], f["sev"],
                                        float(f.get("t", 0.0)), str(f.get("src", ""))))
         return []
+
+    def _on_query(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+        """Answer a read-only question (:mod:`collector.queries`) to the identity that asked."""
+        if identity is None:
+            return []
+        from collector.queries import answer
+
+        fields = message.fields
+        result = answer(self, fields["q"], fields.get("args"))
+        return [Reply(identity, self._reply(Kind.RESULT, id=fields["id"], result=result))]
+
+    def answer(self, question: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The answer to a QUERY, computed here (tests and offline tools call this directly)."""
+        from collector.queries import answer
+
+        return answer(self, question, args)
 
     # -- decisions -----------------------------------------------------------------------------------
 
@@ -525,6 +541,7 @@ _HANDLERS = {
     Kind.STOP_ACK: CollectorState._on_stop_ack,
     Kind.STOP_REQUEST: CollectorState._on_stop_request,
     Kind.STOP_STATE: CollectorState._on_stop_state,
+    Kind.QUERY: CollectorState._on_query,
 }
 
 

@@ -29,13 +29,28 @@ from rlmon.errors import ConfigError, RlmonError
 from rlmon.monitor import Monitor, NullMonitor
 
 __version__ = "0.1.0"
+#: The seeds' API (:mod:`rlmon.seed`), imported on first use so ``import rlmon`` stays light.
+SEED_NAMES = ("TrainingMonitor", "TrainingEvent", "TrainingPhase", "TrainingCallback",
+              "VerbosityLevel", "MetricsStore", "SampleComparator", "QualityAnalyzer",
+              "QualityAlert", "PPOMetricsTracker", "PlotManager", "ReportGenerator")
 __all__ = ["init", "get", "Monitor", "NullMonitor", "RankConfig", "ConfigError", "RlmonError",
-           "__version__"]
+           "__version__", *SEED_NAMES]
 
 log = logging.getLogger("rlmon")
 
 _lock = threading.Lock()
 _current: Monitor | NullMonitor | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """Load the seed-compatible names from :mod:`rlmon.seed` on first access."""
+    if name in SEED_NAMES:
+        import rlmon.seed
+
+        value = getattr(rlmon.seed, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rlmon' has no attribute {name!r}")
 
 
 def init(**overrides: Any) -> Monitor | NullMonitor:

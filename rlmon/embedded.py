@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from rlmon.config import RankConfig
 
@@ -60,14 +61,16 @@ class EmbeddedCollector:
         print(f"rlmon: reports in {self.out_dir}", file=sys.stderr)
 
 
-def start_embedded_collector(config: RankConfig) -> EmbeddedCollector:
-    """Spawn ``python -m collector`` for this process and return its endpoint at once."""
+def start_embedded_collector(config: RankConfig, extra_args: Sequence[str] = ()) -> EmbeddedCollector:
+    """Spawn ``python -m collector`` for this process and return its endpoint at once.
+
+    ``extra_args`` are further ``rlmon collector`` flags (``--kl-threshold 0.08``, say)."""
     out_dir = Path(config.out_dir or Path("rlmon_out") / config.run_id).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     socket_path = Path(tempfile.gettempdir()) / f"rlmon-{config.run_id}-{os.getpid()}.sock"
     endpoint = f"ipc://{socket_path}"
     command = [sys.executable, "-m", "collector", "--out", str(out_dir), "--endpoint", endpoint,
                "--run-id", config.run_id, "--world-size", "1", "--parent-pid", str(os.getpid()),
-               "--quiet"]
+               "--quiet", *extra_args]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
     return EmbeddedCollector(process, endpoint, out_dir)

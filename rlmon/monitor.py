@@ -207,6 +207,28 @@ class Monitor:
             log.warning("rlmon: stop agreement failed; using the local stop state", exc_info=True)
             return local
 
+    # -- queries -----------------------------------------------------------------------------------
+
+    def query(self, q: str, timeout: float = 5.0, **args: Any) -> dict[str, Any] | None:
+        """Ask the collector a question and wait for its answer (``docs/protocol.md``, QUERY):
+        ``"alerts"``, ``"comparisons"``, ``"metrics"`` (``name=``, ``n=``), ``"ppo"``, ``"stop"``.
+
+        Blocking (up to ``timeout`` seconds), so never call it on the hot path. The query travels
+        after everything logged before it. Never raises: None on timeout, after ``close``, or for a
+        bad argument; an unknown question is answered ``{"error": ...}``."""
+        try:
+            if self._closed:
+                return None
+            message = self._message(Kind.QUERY, q=str(q), id=0)
+            del message["id"]
+            if args:
+                message["args"] = dict(args)
+            wire.encode(message)  # refuse what msgpack cannot carry here, not in the sender
+            return self._publisher.query(message, float(timeout))
+        except Exception:
+            log.debug("rlmon: query %r failed", q, exc_info=True)
+            return None
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
@@ -306,24 +328,12 @@ class NullMonitor:
         """Always False."""
         return False
 
-    def should_checkpoint(self, step: int) -> bool:
-        """True once, at the step the collector chose for a checkpoint (a rule with
-        ``action = "checkpoint"`` fired), on every rank alike. Answers from local state. A
-        checkpoint step this rank has already passed is skipped."""
-        offer = self._publisher.checkpoint_offer
-        if offer is not self._seen_checkpoint:
-            self._seen_checkpoint = offer
-            passed = (self._checkpoint_checked_step is not None
-                      and offer.stop_at_step <= self._checkpoint_checked_step)
-            self._checkpoint_at = None if passed else offer.stop_at_step
-        self._checkpoint_checked_step = step
-        if self._checkpoint_at is not None and step >= self._checkpoint_at:
-            self._checkpoint_at = None
-            return True
-        return False
-
     def request_early_stop(self, reason: str, severity: str = "CRITICAL") -> None:
         """Do nothing."""
+
+    def query(self, q: str, timeout: float = 5.0, **args: Any) -> dict[str, Any] | None:
+        """No collector: always None."""
+        return None
 
     def statistics(self) -> dict[str, Any]:
         """An empty ledger."""

@@ -13,6 +13,7 @@ state), so a rank needs exactly one address, ``RLMON_ENDPOINT``.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import random
@@ -78,6 +79,8 @@ class Publisher:
         self.pending: collections.deque = collections.deque()
         self.samples: collections.deque = collections.deque()
         self.outbox: collections.deque = collections.deque()
+        self.queries: collections.deque = collections.deque()
+        """QUERY messages, sent after the pending steps so a query sees what was logged before it."""
         self.ledger = Ledger()
         self.stop_offer: StopOffer | None = None
         self.checkpoint_offer: StopOffer | None = None
@@ -86,6 +89,9 @@ class Publisher:
         self._closing = threading.Event()
         self._bye_acked = threading.Event()
         self._last_send = 0.0
+        self._waiters: dict[int, QueryWaiter] = {}
+        self._waiters_lock = threading.Lock()
+        self._query_ids = itertools.count(1)
         self._thread = threading.Thread(target=self._run, name="rlmon-publisher", daemon=True)
         if start:
             self.start()
@@ -104,6 +110,25 @@ class Publisher:
         self._closing.set()
         if self._thread.ident is not None:
             self._thread.join(self.config.close_timeout + 0.4)
+
+    def query(self, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """Send a QUERY (``message`` without ``id``) and wait up to ``timeout`` seconds for its
+        RESULT. Blocking; call from any thread but the sender. None when no answer came in time
+        or the sender is not running."""
+        if self._closing.is_set() or not self._thread.is_alive():
+            return None
+        waiter = QueryWaiter()
+        query_id = next(self._query_ids)
+        with self._waiters_lock:
+            self._waiters[query_id] = waiter
+        try:
+            self.queries.append({**message, "id": query_id})
+            if waiter.event.wait(timeout):
+                return waiter.result
+            return None
+        finally:
+            with self._waiters_lock:
+                self._waiters.pop(query_id, None)
 
     # -- the sender thread ---------------------------------------------------------------------
 
@@ -145,6 +170,8 @@ class Publisher:
             self._send_batch(sock, records, samples)
             records = _take(self.pending, MAX_STEPS_PER_BATCH)
             samples = []
+        while self.queries:
+            self._send(sock, self.queries.popleft())
         if time.monotonic() - self._last_send >= self.config.heartbeat_interval:
             self._send(sock, self._message(Kind.HEARTBEAT, step=self.current_step, t=time.time(),
                                            ledger=self.ledger.as_wire()))
@@ -192,6 +219,12 @@ class Publisher:
             current = self.stop_offer
             if current is None or offer.generation > current.generation:
                 self.stop_offer = offer
+        elif message.kind is Kind.RESULT:
+            with self._waiters_lock:
+                waiter = self._waiters.get(fields["id"])
+            if waiter is not None:
+                waiter.result = fields["result"]
+                waiter.event.set()
         elif message.kind is Kind.CHECKPOINT_STATE:
             offer = StopOffer(fields["gen"], fields["at"], fields["reason"], "", "")
             current = self.checkpoint_offer
@@ -218,6 +251,16 @@ class Publisher:
 
     def _message(self, kind: Kind, **fields: Any) -> dict[str, Any]:
         return wire.envelope(kind, self.config.run_id, self.config.rank, self.incarnation, **fields)
+
+
+class QueryWaiter:
+    """One outstanding query: the sender thread fills ``result`` and sets ``event``."""
+
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.result: dict[str, Any] | None = None
 
 
 def _take(queue: collections.deque, limit: int) -> list:

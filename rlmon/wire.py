@@ -37,7 +37,8 @@ MAX_NAME_LENGTH = 256
 class Kind(enum.IntEnum):
     """Message kinds. Ranks send HELLO, BATCH, HEARTBEAT, STOP_ACK, STOP_REQUEST and BYE; the
     collector answers with ACK, STOP_STATE and CHECKPOINT_STATE; operators send STOP_REQUEST with
-    the control key and receive STOP_STATE or REFUSED."""
+    the control key and receive STOP_STATE or REFUSED. A rank (or an operator) may send QUERY; the
+    collector answers that identity with RESULT (read-only, never on the training hot path)."""
 
     HELLO = 1
     BATCH = 2
@@ -49,6 +50,8 @@ class Kind(enum.IntEnum):
     BYE = 8
     REFUSED = 9
     CHECKPOINT_STATE = 10
+    QUERY = 11
+    RESULT = 12
 
 
 #: Fields every message must carry, with the Python types they must have.
@@ -66,6 +69,8 @@ _REQUIRED_FIELDS: dict[Kind, tuple[tuple[str, type | tuple[type, ...]], ...]] = 
     Kind.BYE: (("seq", int), ("step", int)),
     Kind.REFUSED: (("why", str),),
     Kind.CHECKPOINT_STATE: (("gen", int), ("at", int), ("reason", str)),
+    Kind.QUERY: (("q", str), ("id", int)),
+    Kind.RESULT: (("id", int), ("result", dict)),
 }
 
 
