@@ -324,3 +324,239 @@ def warm_up() -> None:
     out_values = np.empty(2)
     ring_read(values, steps, state[0], state[1], 0, out_steps, out_values)
     window_stats(out_values, out_steps, np.empty(N_STATS))
+    slot_ints, slot_floats = np.zeros((1, 2, 4), np.int64), np.zeros((1, 2, 4))
+    pairs = (np.ones((1, 2), np.int64), np.zeros((1, 2)), np.zeros(1, np.int64))
+    out = (np.zeros((3, 4), np.int64), np.zeros((3, 4)), np.zeros(2, np.int64))
+    aggregate_block(slot_ints, slot_floats, np.zeros((1, 2), np.int64), *pairs, *out, 2, ids, ids,
+                    np.zeros(1, np.int64), np.ones((1, 1)))
+    aggregate_complete(slot_ints, slot_floats, *out, 0)
+
+
+# -- cross-rank step aggregates -------------------------------------------------------------
+#
+# State of :class:`collector.aggregate.StepAggregator`, one ring of ``W = max_pending_steps + 1``
+# slots per metric, step ``s`` in slot ``s % W`` (every step a metric still holds lies in
+# ``[newest - W + 1, newest]``, so they never collide):
+#
+# * ``slot_ints`` int64 ``(M, W, 4)``: ``SLOT_STEP``, ``SLOT_STATE`` (``FREE``/``PENDING``/``DONE``),
+#   ``SLOT_REPORTED`` (ranks that reported, NaN included), ``SLOT_FINITE`` (finite values among them).
+# * ``slot_floats`` float64 ``(M, W, 4)``: ``SLOT_SUM`` + ``SLOT_COMP`` (Neumaier-compensated sum of
+#   the finite values), ``SLOT_MIN``, ``SLOT_MAX`` (+Inf/-Inf while no value is finite).
+# * ``metric_ints`` int64 ``(M, 2)``: ``METRIC_NEWEST`` step accepted, ``METRIC_SEEN`` (0 before the
+#   first value).
+# * ``pair_steps`` int64 / ``pair_values`` float64 ``(P, W)``: per ``(metric, rank)`` pair, the step
+#   and value it reported into each slot (so a repeated report replaces its value), and
+#   ``pair_metric`` int64 ``(P,)`` the pair's metric (-1 for unused rows). Slot ``k`` of a fresh row
+#   holds step ``k + 1``, which never maps to slot ``k``.
+# * ``out_ints`` int64 ``(3, C)`` (rows ``OUT_METRIC``, ``OUT_STEP``, ``OUT_COUNT``) and
+#   ``out_floats`` float64 ``(3, C)`` (rows ``OUT_MEAN``, ``OUT_MIN``, ``OUT_MAX``): completed
+#   steps, appended at column ``counters[COUNTER_OUT]``; the caller guarantees room.
+#   ``counters[COUNTER_LATE]`` counts late values.
+
+INT64_MIN = -(2**63)
+"""Smallest int64 (steps may be any int64)."""
+SLOT_STEP = 0
+"""Index in ``slot_ints``: the step the slot holds."""
+SLOT_STATE = 1
+"""Index in ``slot_ints``: ``FREE``, ``PENDING`` or ``DONE``."""
+SLOT_REPORTED = 2
+"""Index in ``slot_ints``: ranks that reported the step (any value)."""
+SLOT_FINITE = 3
+"""Index in ``slot_ints``: finite values among them."""
+SLOT_SUM = 0
+"""Index in ``slot_floats``: running sum of the finite values."""
+SLOT_COMP = 1
+"""Index in ``slot_floats``: Neumaier compensation of that sum."""
+SLOT_MIN = 2
+"""Index in ``slot_floats``: smallest finite value (+Inf when none)."""
+SLOT_MAX = 3
+"""Index in ``slot_floats``: largest finite value (-Inf when none)."""
+FREE = 0
+"""Slot state: holds no step."""
+PENDING = 1
+"""Slot state: waiting for more ranks."""
+DONE = 2
+"""Slot state: emitted; later values for its step are late."""
+METRIC_NEWEST = 0
+"""Index in ``metric_ints``: newest step accepted for the metric."""
+METRIC_SEEN = 1
+"""Index in ``metric_ints``: 1 once the metric accepted a value."""
+OUT_METRIC = 0
+"""Index in ``out_ints``: metric id."""
+OUT_STEP = 1
+"""Index in ``out_ints``: step."""
+OUT_COUNT = 2
+"""Index in ``out_ints``: ranks that reported."""
+OUT_MEAN = 0
+"""Index in ``out_floats``: mean of the finite values (NaN when none)."""
+OUT_MIN = 1
+"""Index in ``out_floats``: minimum of the finite values (NaN when none)."""
+OUT_MAX = 2
+"""Index in ``out_floats``: maximum of the finite values (NaN when none)."""
+COUNTER_OUT = 0
+"""Index in ``counters``: columns of ``out_ints``/``out_floats`` in use."""
+COUNTER_LATE = 1
+"""Index in ``counters``: values dropped as late (a running total)."""
+
+
+@njit(cache=True)
+def steps_ahead(lo, hi, cap):
+    """``min(hi - lo, cap)`` for ``hi > lo`` and ``cap >= 1``, without int64 overflow."""
+    if hi >= INT64_MIN + cap and hi - cap >= lo:
+        return cap
+    return hi - lo
+
+
+@njit(cache=True)
+def older_than(step, newest, horizon):
+    """``step < newest - horizon`` for any int64 steps and ``horizon >= 1``, without overflow."""
+    return newest >= INT64_MIN + horizon and step < newest - horizon
+
+
+@njit(cache=True)
+def agg_open(slot_ints, slot_floats, m, slot, step):
+    """Start ``step`` in ``slot`` of metric ``m``: pending, no reports."""
+    slot_ints[m, slot, SLOT_STEP] = step
+    slot_ints[m, slot, SLOT_STATE] = PENDING
+    slot_ints[m, slot, SLOT_REPORTED] = 0
+    slot_ints[m, slot, SLOT_FINITE] = 0
+    slot_floats[m, slot, SLOT_SUM] = 0.0
+    slot_floats[m, slot, SLOT_COMP] = 0.0
+    slot_floats[m, slot, SLOT_MIN] = np.inf
+    slot_floats[m, slot, SLOT_MAX] = -np.inf
+
+
+@njit(cache=True)
+def agg_add_finite(slot_ints, slot_floats, m, slot, x):
+    """Add the finite ``x`` to the slot's count, compensated sum, min and max."""
+    slot_ints[m, slot, SLOT_FINITE] += 1
+    total = slot_floats[m, slot, SLOT_SUM]
+    t = total + x
+    if abs(total) >= abs(x):
+        slot_floats[m, slot, SLOT_COMP] += (total - t) + x
+    else:
+        slot_floats[m, slot, SLOT_COMP] += (x - t) + total
+    slot_floats[m, slot, SLOT_SUM] = t
+    slot_floats[m, slot, SLOT_MIN] = min(slot_floats[m, slot, SLOT_MIN], x)
+    slot_floats[m, slot, SLOT_MAX] = max(slot_floats[m, slot, SLOT_MAX], x)
+
+
+@njit(cache=True)
+def agg_rescan(slot_ints, slot_floats, pair_steps, pair_values, pair_metric, m, slot):
+    """Recompute the slot's finite statistics from every pair of metric ``m`` that reported its
+    step (after a repeated report replaced a value)."""
+    step = slot_ints[m, slot, SLOT_STEP]
+    agg_open(slot_ints, slot_floats, m, slot, step)
+    reported = 0
+    for p in range(pair_metric.shape[0]):
+        if pair_metric[p] == m and pair_steps[p, slot] == step:
+            reported += 1
+            if np.isfinite(pair_values[p, slot]):
+                agg_add_finite(slot_ints, slot_floats, m, slot, pair_values[p, slot])
+    slot_ints[m, slot, SLOT_REPORTED] = reported
+
+
+@njit(cache=True)
+def agg_emit(slot_ints, slot_floats, m, slot, out_ints, out_floats, counters):
+    """Mark the slot done and append its aggregate to the out arrays.
+
+    The mean is clamped to ``[min, max]`` (so equal values give exactly that value); when the
+    sum overflows it is ±Inf.
+    """
+    row = counters[COUNTER_OUT]
+    out_ints[OUT_METRIC, row] = m
+    out_ints[OUT_STEP, row] = slot_ints[m, slot, SLOT_STEP]
+    out_ints[OUT_COUNT, row] = slot_ints[m, slot, SLOT_REPORTED]
+    finite = slot_ints[m, slot, SLOT_FINITE]
+    if finite == 0:
+        out_floats[OUT_MEAN, row] = np.nan
+        out_floats[OUT_MIN, row] = np.nan
+        out_floats[OUT_MAX, row] = np.nan
+    else:
+        low = slot_floats[m, slot, SLOT_MIN]
+        high = slot_floats[m, slot, SLOT_MAX]
+        total = slot_floats[m, slot, SLOT_SUM] + slot_floats[m, slot, SLOT_COMP]
+        if not np.isfinite(total):
+            total = slot_floats[m, slot, SLOT_SUM]
+        mean = total / finite
+        out_floats[OUT_MEAN, row] = min(max(mean, low), high) if np.isfinite(mean) else mean
+        out_floats[OUT_MIN, row] = low
+        out_floats[OUT_MAX, row] = high
+    slot_ints[m, slot, SLOT_STATE] = DONE
+    counters[COUNTER_OUT] = row + 1
+
+
+@njit(cache=True)
+def agg_in_window(metric_ints, m, step, horizon):
+    """False when ``step`` is more than ``horizon`` below metric ``m``'s newest (a late value);
+    the first step a metric sees becomes its newest."""
+    if metric_ints[m, METRIC_SEEN] == 0:
+        metric_ints[m, METRIC_SEEN] = 1
+        metric_ints[m, METRIC_NEWEST] = step
+        return True
+    return not older_than(step, metric_ints[m, METRIC_NEWEST], horizon)
+
+
+@njit(cache=True)
+def aggregate_block(slot_ints, slot_floats, metric_ints, pair_steps, pair_values, pair_metric,
+                    out_ints, out_floats, counters, world_size, metric_ids, pair_ids, steps, values):
+    """Record ``values[i, j]`` of pair ``pair_ids[j]`` (metric ``metric_ids[j]``) at ``steps[i]``,
+    column by column, each column in row order.
+
+    A value is late (counted in ``counters[COUNTER_LATE]``, nothing else changes) when its step is
+    more than ``W - 1`` below the metric's newest or already done. Otherwise a step above the
+    newest first frees the slots of the steps it pushes out of the ring, emitting the pending ones
+    (completion by age); then the value is recorded (a pair's repeated report replaces its
+    value), and the step completes once ``world_size`` ranks reported it. Completions are appended
+    to ``out_ints``/``out_floats``, which must have room for ``k * W + n * k`` more columns. Ids,
+    shapes and dtypes are trusted.
+
+    The loop calls only helpers that call no array helper themselves: Numba reference-counts
+    arrays passed down nested calls, and that made a one-helper-per-value version ~4x slower.
+    """
+    width = slot_ints.shape[1]
+    for j in range(metric_ids.shape[0]):
+        m = metric_ids[j]
+        p = pair_ids[j]
+        for i in range(steps.shape[0]):
+            step = steps[i]
+            if not agg_in_window(metric_ints, m, step, width - 1):
+                counters[COUNTER_LATE] += 1
+                continue
+            newest = metric_ints[m, METRIC_NEWEST]
+            if step > newest:
+                for ahead in range(1, steps_ahead(newest, step, width) + 1):
+                    old = (newest + ahead) % width
+                    if slot_ints[m, old, SLOT_STATE] == PENDING:
+                        agg_emit(slot_ints, slot_floats, m, old, out_ints, out_floats, counters)
+                    slot_ints[m, old, SLOT_STATE] = FREE
+                metric_ints[m, METRIC_NEWEST] = step
+            slot = step % width
+            if slot_ints[m, slot, SLOT_STATE] == FREE or slot_ints[m, slot, SLOT_STEP] != step:
+                agg_open(slot_ints, slot_floats, m, slot, step)
+            elif slot_ints[m, slot, SLOT_STATE] == DONE:
+                counters[COUNTER_LATE] += 1
+                continue
+            x = values[i, j]
+            pair_values[p, slot] = x
+            if pair_steps[p, slot] == step:  # a repeated report: its last value wins
+                agg_rescan(slot_ints, slot_floats, pair_steps, pair_values, pair_metric, m, slot)
+            else:
+                pair_steps[p, slot] = step
+                slot_ints[m, slot, SLOT_REPORTED] += 1
+                if np.isfinite(x):
+                    agg_add_finite(slot_ints, slot_floats, m, slot, x)
+            if slot_ints[m, slot, SLOT_REPORTED] >= world_size:
+                agg_emit(slot_ints, slot_floats, m, slot, out_ints, out_floats, counters)
+
+
+@njit(cache=True)
+def aggregate_complete(slot_ints, slot_floats, out_ints, out_floats, counters, min_reported):
+    """Emit every pending step of every metric reported by at least ``min_reported`` ranks (all
+    when 0), metric by metric in slot order. ``out_*`` must have room for ``M * W`` more
+    columns."""
+    for m in range(slot_ints.shape[0]):
+        for slot in range(slot_ints.shape[1]):
+            if (slot_ints[m, slot, SLOT_STATE] == PENDING
+                    and slot_ints[m, slot, SLOT_REPORTED] >= min_reported):
+                agg_emit(slot_ints, slot_floats, m, slot, out_ints, out_floats, counters)

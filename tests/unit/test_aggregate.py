@@ -216,3 +216,106 @@ def test_aggregator_matches_naive_reference(stream, world_size, horizon, pop_eve
     assert agg.late_values == ref.late
     assert sorted(as_tuples(got)) == sorted(as_tuples([StepAggregate(*t) for t in ref.out]))
     assert len({(a.metric, a.step) for a in got}) == len(got)
+
+
+def test_first_report_of_a_step_is_not_taken_for_a_repeat():
+    """A rank whose first report lands in a slot no step used yet counts as a new rank there."""
+    agg = StepAggregator(world_size=3, max_pending_steps=8)
+    agg.add("loss", 1, 5, 1.0)
+    agg.add("loss", 0, 0, 2.0)
+    agg.add("loss", 2, 0, 4.0)
+    assert agg.pop_completed() == [] and agg.pending_steps == 2
+    assert as_tuples(agg.flush()) == [("loss", 0, 3.0, 2.0, 4.0, 2), ("loss", 5, 1.0, 1.0, 1.0, 1)]
+
+
+def test_pop_completed_arrays_hold_what_pop_completed_returns():
+    """The columnar pop has the same rows in the same order, contiguous, with runs per metric."""
+    rng = np.random.default_rng(3)
+    listed, columns = StepAggregator(world_size=2), StepAggregator(world_size=2)
+    for rank in (1, 0):
+        steps, values = np.arange(10) + 3 * rank, rng.normal(size=(10, 3))
+        for agg in (listed, columns):
+            agg.add_block(rank, ["c", "a", "b"], steps, values)
+    done = columns.pop_completed_arrays()
+    assert as_tuples(done.to_list()) == as_tuples(listed.pop_completed()) and len(done) == 7 * 3
+    assert [(name, rows.stop - rows.start) for name, rows in done.runs()] == [
+        ("c", 7), ("a", 7), ("b", 7)]
+    assert all(a.flags.c_contiguous for a in (done.step, done.mean, done.min, done.max, done.count))
+    assert as_tuples(columns.flush_arrays().to_list()) == as_tuples(listed.flush())
+    assert len(columns.pop_completed_arrays()) == 0 and list(columns.flush_arrays().runs()) == []
+
+
+def test_mean_is_compensated_and_clamped():
+    """Means keep small values next to huge ones (like fsum) and equal values give that value."""
+    agg = StepAggregator(world_size=3)
+    for rank, (a, b) in enumerate([(1e16, 0.1), (1.0, 0.1), (-1e16, 0.1)]):
+        agg.add_block(rank, ["a", "b"], np.array([0]), np.array([[a, b]]))
+    a, b = agg.pop_completed()
+    assert a.mean == 1 / 3 and (b.mean, b.min, b.max) == (0.1, 0.1, 0.1)
+
+
+def test_steps_outside_int64_raise_and_record_nothing():
+    """Steps that do not fit in int64 raise OverflowError; nothing is recorded."""
+    agg = StepAggregator(world_size=2)
+    with pytest.raises(OverflowError):
+        agg.add("loss", 0, 2**63, 1.0)
+    with pytest.raises(OverflowError):
+        agg.add_block(0, ["loss"], np.array([1, 2**63], np.uint64), np.zeros((2, 1)))
+    with pytest.raises(TypeError):
+        agg.add_block(0, ["loss", 7], np.arange(2), np.zeros((2, 2)))
+    assert agg.pending_steps == 0 and agg.flush() == []
+
+
+def test_memory_stays_flat_over_many_steps():
+    """Arrays stop growing once every metric and rank was seen, however many steps follow."""
+    agg = StepAggregator(world_size=4, max_pending_steps=8)
+    metrics = [f"m{k}" for k in range(20)]
+    sizes = []
+    for start in range(0, 20_000, 100):
+        for rank in (0, 2):  # ranks 1 and 3 are dead: every step completes by age
+            agg.add_block(rank, metrics, np.arange(start, start + 100), np.ones((100, 20)))
+        agg.pop_completed_arrays()
+        sizes.append(agg.nbytes())
+    assert len(set(sizes[1:])) == 1 and agg.pending_steps == 20 * 9
+
+
+blocks = st.lists(
+    st.tuples(st.integers(0, 2), st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3),
+              st.lists(st.integers(0, 12), max_size=5)),
+    max_size=25)
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks, st.integers(1, 3), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_add_block_matches_naive_reference(stream, world_size, horizon, seed):
+    """Blocks (repeated steps and metrics included) give the reference's aggregates and late count."""
+    rng = np.random.default_rng(seed)
+    agg, ref = StepAggregator(world_size, horizon), RefAggregator(world_size, horizon)
+    got = []
+    for rank, metrics, steps in stream:
+        rank %= world_size
+        values = rng.choice([1.0, -2.5, 3.25, math.nan, -math.inf], size=(len(steps), len(metrics)))
+        agg.add_block(rank, metrics, np.array(steps, np.int64), values)
+        for j, metric in enumerate(metrics):
+            for i, step in enumerate(steps):
+                ref.add(metric, rank, step, float(values[i, j]))
+        got += in_step_order(agg.pop_completed_arrays().to_list())
+    got += in_step_order(agg.flush())
+    for metric, step in list(ref.values):
+        ref.finish(metric, step)
+    assert agg.late_values == ref.late
+    assert sorted(as_tuples(got)) == sorted(as_tuples([StepAggregate(*t) for t in ref.out]))
+
+
+def test_a_block_split_into_kernel_chunks_equals_small_blocks(monkeypatch):
+    """A block bigger than one kernel chunk of values gives what the same rows in small blocks give."""
+    import collector.aggregate as aggregate
+    monkeypatch.setattr(aggregate, "_CHUNK_VALUES", 7)
+    values = np.random.default_rng(5).normal(size=(40, 3))
+    whole, pieces = StepAggregator(world_size=1, max_pending_steps=3), StepAggregator(1, 3)
+    whole.add_block(0, ["x", "y", "z"], np.arange(40), values)
+    for start in range(0, 40, 6):
+        pieces.add_block(0, ["x", "y", "z"], np.arange(start, min(start + 6, 40)),
+                         values[start:start + 6])
+    assert as_tuples(whole.flush()) == as_tuples(pieces.flush())
+    assert whole.nbytes() == pieces.nbytes()

@@ -314,3 +314,160 @@ def test_sign_fractions_matches_reference_on_random_windows():
         out = np.empty(3)
         kernels.sign_fractions(values, out)
         np.testing.assert_allclose(out, _sign_fractions_reference(list(values)), equal_nan=True)
+
+
+# -- cross-rank step aggregates ----------------------------------------------------------------------
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def make_agg_state(n_metrics: int, n_pairs: int, width: int, capacity: int = 4096) -> dict:
+    """Empty aggregator arrays as the kernel module docstring lays them out, by argument name."""
+    return dict(
+        slot_ints=np.zeros((n_metrics, width, 4), np.int64),
+        slot_floats=np.zeros((n_metrics, width, 4)),
+        metric_ints=np.zeros((n_metrics, 2), np.int64),
+        pair_steps=np.tile(np.arange(1, width + 1, dtype=np.int64), (n_pairs, 1)),
+        pair_values=np.zeros((n_pairs, width)), pair_metric=np.full(n_pairs, -1, np.int64),
+        out_ints=np.zeros((3, capacity), np.int64), out_floats=np.zeros((3, capacity)),
+        counters=np.zeros(2, np.int64))
+
+
+def agg_block(state: dict, world_size: int, metric_ids, pair_ids, steps, values) -> None:
+    """Call aggregate_block with list inputs."""
+    kernels.aggregate_block(
+        *state.values(), world_size, np.asarray(metric_ids, np.int64),
+        np.asarray(pair_ids, np.int64), np.asarray(steps, np.int64),
+        np.asarray(values, np.float64).reshape(len(steps), len(metric_ids)))
+
+
+def agg_emitted(state: dict, names: list[str]) -> list[tuple]:
+    """Emitted rows as (metric, step, mean, min, max, count), NaN as 'nan'; clears the out arrays."""
+    n = int(state["counters"][kernels.COUNTER_OUT])
+    ints, floats = state["out_ints"][:, :n].T.tolist(), state["out_floats"][:, :n].T.tolist()
+    state["counters"][kernels.COUNTER_OUT] = 0
+    clean = lambda x: "nan" if math.isnan(x) else x  # noqa: E731
+    return [(names[i[kernels.OUT_METRIC]], i[kernels.OUT_STEP], clean(f[kernels.OUT_MEAN]),
+             clean(f[kernels.OUT_MIN]), clean(f[kernels.OUT_MAX]), i[kernels.OUT_COUNT])
+            for i, f in zip(ints, floats)]
+
+
+def ref_rows(ref) -> list[tuple]:
+    """The reference's output rows with NaN as 'nan'."""
+    return [tuple("nan" if isinstance(x, float) and math.isnan(x) else x for x in row)
+            for row in ref.out]
+
+
+@pytest.mark.parametrize("lo, hi, cap", [
+    (0, 1, 5), (0, 9, 5), (-3, 2, 5), (INT64_MIN, INT64_MAX, 7), (INT64_MIN, INT64_MIN + 3, 7),
+    (INT64_MAX - 2, INT64_MAX, 7), (-5, INT64_MAX, 1), (INT64_MIN, 0, 3)])
+def test_steps_ahead_is_exact_at_the_int64_limits(lo, hi, cap):
+    """steps_ahead equals min(hi - lo, cap) computed with Python ints, even across the int64 range."""
+    assert kernels.steps_ahead(np.int64(lo), np.int64(hi), np.int64(cap)) == min(hi - lo, cap)
+
+
+@pytest.mark.parametrize("step, newest, horizon", [
+    (0, 10, 3), (7, 10, 3), (6, 10, 3), (INT64_MIN, INT64_MAX, 5), (INT64_MIN, INT64_MIN + 4, 5),
+    (INT64_MIN, INT64_MIN + 6, 5), (INT64_MAX, INT64_MAX, 1), (-1, INT64_MAX, 64)])
+def test_older_than_is_exact_at_the_int64_limits(step, newest, horizon):
+    """older_than equals step < newest - horizon computed with Python ints."""
+    assert kernels.older_than(np.int64(step), np.int64(newest), np.int64(horizon)) == (
+        step < newest - horizon)
+
+
+def test_aggregate_block_completes_by_ranks_and_by_age():
+    """A step all ranks reported completes at once; one a rank skipped completes when pushed out."""
+    state = make_agg_state(1, 2, width=3)
+    state["pair_metric"][:] = 0
+    agg_block(state, 2, [0], [0], [0, 1, 2], [1.0, 2.0, 3.0])
+    agg_block(state, 2, [0], [1], [0, 2], [3.0, math.nan])
+    assert agg_emitted(state, ["m"]) == [("m", 0, 2.0, 1.0, 3.0, 2), ("m", 2, 3.0, 3.0, 3.0, 2)]
+    agg_block(state, 2, [0], [0], [4], [0.5])
+    assert agg_emitted(state, ["m"]) == [("m", 1, 2.0, 2.0, 2.0, 1)]
+    agg_block(state, 2, [0], [1], [1, 2], [9.0, 9.0])
+    assert state["counters"][kernels.COUNTER_LATE] == 2 and agg_emitted(state, ["m"]) == []
+
+
+def test_aggregate_block_repeated_report_replaces_the_value():
+    """A pair reporting a step twice counts once, with its last value, min and max recomputed."""
+    state = make_agg_state(1, 2, width=4)
+    state["pair_metric"][:] = 0
+    agg_block(state, 2, [0, 0], [0, 0], [5], [[-100.0, 7.0]])
+    agg_block(state, 2, [0], [1], [5], [1.0])
+    assert agg_emitted(state, ["m"]) == [("m", 5, 4.0, 1.0, 7.0, 2)]
+
+
+def test_aggregate_complete_emits_steps_with_enough_ranks():
+    """aggregate_complete emits pending steps reported by at least min_reported ranks, all at 0."""
+    state = make_agg_state(2, 3, width=4)
+    state["pair_metric"][:] = [0, 0, 1]
+    agg_block(state, 3, [0, 1], [0, 2], [1, 2], [[1.0, 5.0], [2.0, 6.0]])
+    agg_block(state, 3, [0], [1], [1], [3.0])
+    args = [state[k] for k in ("slot_ints", "slot_floats", "out_ints", "out_floats", "counters")]
+    kernels.aggregate_complete(*args, 2)
+    assert agg_emitted(state, ["a", "b"]) == [("a", 1, 2.0, 1.0, 3.0, 2)]
+    kernels.aggregate_complete(*args, 0)
+    assert sorted(agg_emitted(state, ["a", "b"])) == [
+        ("a", 2, 2.0, 2.0, 2.0, 1), ("b", 1, 5.0, 5.0, 5.0, 1), ("b", 2, 6.0, 6.0, 6.0, 1)]
+    kernels.aggregate_complete(*args, 0)
+    assert agg_emitted(state, ["a", "b"]) == []
+
+
+def test_aggregate_block_mean_is_compensated_and_within_min_max():
+    """The mean uses a compensated sum (1e16 + 1 - 1e16 keeps the 1) and equal values give
+    exactly that value."""
+    state = make_agg_state(2, 6, width=2)
+    state["pair_metric"][:] = [0, 0, 0, 1, 1, 1]
+    for rank in range(3):
+        agg_block(state, 3, [0, 1], [rank, 3 + rank], [0], [[(1e16, 1.0, -1e16)[rank], 0.1]])
+    assert agg_emitted(state, ["a", "b"]) == [("a", 0, 1 / 3, -1e16, 1e16, 3),
+                                              ("b", 0, 0.1, 0.1, 0.1, 3)]
+
+
+@pytest.mark.filterwarnings("error")  # without the JIT, an int64 overflow would warn
+def test_aggregate_block_matches_reference_at_the_int64_limits():
+    """Steps at both ends of int64 age out, complete and count as late exactly like the reference."""
+    from reference import RefAggregator
+    state, ref = make_agg_state(1, 2, width=3), RefAggregator(2, 2)
+    state["pair_metric"][:] = 0
+    for rank, step in [(0, INT64_MIN), (1, INT64_MIN + 1), (0, INT64_MIN + 3), (1, INT64_MIN),
+                       (0, INT64_MAX - 1), (1, INT64_MAX), (0, INT64_MAX), (1, INT64_MIN + 2),
+                       (1, INT64_MAX - 1), (0, INT64_MAX - 3)]:
+        agg_block(state, 2, [0], [rank], [step], [1.5])
+        ref.add("m", rank, step, 1.5)
+    assert sorted(agg_emitted(state, ["m"])) == sorted(ref_rows(ref))
+    assert state["counters"][kernels.COUNTER_LATE] == ref.late
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    world_size=st.integers(1, 3), width=st.integers(2, 6),
+    blocks=st.lists(st.tuples(
+        st.integers(0, 2), st.lists(st.integers(0, 1), min_size=1, max_size=3),
+        st.lists(st.integers(0, 20), max_size=4)), max_size=12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_aggregate_block_property(world_size, width, blocks, seed):
+    """Any sequence of blocks emits what the naive reference emits (as a set) and counts the same
+    late values; every column's pair belongs to its metric."""
+    from reference import RefAggregator
+    rng = np.random.default_rng(seed)
+    names = ["a", "b"]
+    state, ref = make_agg_state(2, 2 * world_size, width), RefAggregator(world_size, width - 1)
+    state["pair_metric"][:] = [p % 2 for p in range(2 * world_size)]
+    got = []
+    for rank, metric_ids, steps in blocks:
+        rank %= world_size
+        values = rng.choice([1.0, -2.5, 3.25, math.nan, math.inf], size=(len(steps), len(metric_ids)))
+        agg_block(state, world_size, metric_ids, [2 * rank + m for m in metric_ids], steps, values)
+        for j, m in enumerate(metric_ids):
+            for i, step in enumerate(steps):
+                ref.add(names[m], rank, step, float(values[i, j]))
+        got += agg_emitted(state, names)
+    assert state["counters"][kernels.COUNTER_LATE] == ref.late
+    args = [state[k] for k in ("slot_ints", "slot_floats", "out_ints", "out_floats", "counters")]
+    kernels.aggregate_complete(*args, 0)
+    got += agg_emitted(state, names)
+    for metric, step in list(ref.values):
+        ref.finish(metric, step)
+    assert sorted(got) == sorted(ref_rows(ref))
