@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from collector.aggregate import StepAggregator
+from collector.aggregate import CompletedSteps, StepAggregator
 from collector.detectors import (RankWatch, SampleComparator, StreamDetector,
                                  default_stream_detectors, rank_scores)
 from collector.rules import DEFAULT_RULES, Finding, Rule, RuleEngine, Score, kl_rule
@@ -379,27 +379,31 @@ class CollectorState:
                 self._act_on([self.rules.evaluate(score, now)], now)
 
     def _complete_steps(self, now: float) -> None:
-        self._apply_aggregates(self.aggregator.pop_completed(), now)
+        self._apply_aggregates(self.aggregator.pop_completed_arrays(), now)
 
     def finish(self, now: float) -> None:
         """End of run: complete every pending step with whatever ranks reported."""
-        self._apply_aggregates(self.aggregator.flush(), now)
+        self._apply_aggregates(self.aggregator.flush_arrays(), now)
 
-    def _apply_aggregates(self, completed: list, now: float) -> None:
+    def _apply_aggregates(self, done: CompletedSteps, now: float) -> None:
         """Store completed cross-rank steps, then let the detectors score them in step order."""
-        by_metric: dict[str, list] = collections.defaultdict(list)
-        for agg in completed:
-            by_metric[agg.metric].append(agg)
-        for metric, aggs in by_metric.items():
-            self._store_aggregates(metric, aggs)
-        slack = max((len(aggs) for aggs in by_metric.values()), default=0)
-        for agg in sorted(completed, key=lambda a: a.step):
-            detectors = self._detectors_watching(agg.metric)
-            if not detectors:
-                continue
-            history = self._history_upto(agg.step, slack)
-            for detector in detectors:
-                scores = detector.observe(agg.metric, agg.step, agg.mean, history)
+        watched: list[np.ndarray] = []
+        slack = 0
+        for metric, rows in done.runs():
+            self._store_aggregates(metric, done, rows)
+            slack = max(slack, rows.stop - rows.start)
+            if self._detectors_watching(metric):
+                watched.append(np.arange(rows.start, rows.stop))
+        if not watched:
+            return
+        rows = np.concatenate(watched)
+        rows = rows[np.argsort(done.step[rows], kind="stable")]
+        for metric_id, step, mean in zip(done.metric[rows].tolist(), done.step[rows].tolist(),
+                                         done.mean[rows].tolist()):
+            metric = done.names[metric_id]
+            history = self._history_upto(step, slack)
+            for detector in self._detectors_watching(metric):
+                scores = detector.observe(metric, step, mean, history)
                 self._act_on([self.rules.evaluate(score, now) for score in scores], now)
 
     def _detectors_watching(self, metric: str) -> list[StreamDetector]:
@@ -434,17 +438,17 @@ class CollectorState:
                 total += float(finite.mean()) if finite.size else 0.0
         return total
 
-    def _store_aggregates(self, metric: str, aggs: list) -> None:
+    def _store_aggregates(self, metric: str, done: CompletedSteps, rows: slice) -> None:
         try:
             series = self.store.series_id(metric, AGGREGATE_RANK)
         except SeriesLimitError:
             self.rejected_by_reason["series_limit"] += 1
             return
-        steps = np.fromiter((a.step for a in aggs), dtype=np.int64, count=len(aggs))
-        means = np.fromiter((a.mean for a in aggs), dtype=np.float64, count=len(aggs))
-        self.store.append_block(np.array([series], dtype=np.int64), steps, means.reshape(-1, 1))
-        last = aggs[-1]
-        self.last_aggregate[metric] = (last.step, last.mean, last.min, last.max)
+        self.store.append_block(np.array([series], dtype=np.int64), done.step[rows],
+                                done.mean[rows].reshape(-1, 1))
+        last = rows.stop - 1
+        self.last_aggregate[metric] = (int(done.step[last]), float(done.mean[last]),
+                                       float(done.min[last]), float(done.max[last]))
 
     def _act_on(self, findings: list[Finding | None], now: float) -> None:
         for finding in findings:
