@@ -22,7 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 from rlmon.config import RankConfig
 from rlmon.errors import ConfigError, RlmonError
@@ -74,7 +74,10 @@ def get() -> Monitor | NullMonitor | None:
     return _current
 
 
-def _start(config: RankConfig) -> Monitor | NullMonitor:
+def _start(config: RankConfig, collector_args: Sequence[str] = (),
+           wait_until_ready: bool = False) -> Monitor | NullMonitor:
+    """The monitor for ``config``: disabled, connected to ``RLMON_ENDPOINT``, or with an embedded
+    collector started with ``collector_args`` (waited for when ``wait_until_ready``)."""
     if config.disabled:
         return NullMonitor(config)
     if config.endpoint:
@@ -86,9 +89,11 @@ def _start(config: RankConfig) -> Monitor | NullMonitor:
     from rlmon.embedded import start_embedded_collector
 
     try:
-        embedded = start_embedded_collector(config)
+        embedded = start_embedded_collector(config, list(collector_args))
     except Exception as exc:  # no collector dependencies, say: train anyway
         log.warning("rlmon: could not start a local collector (%s); monitoring is off", exc)
         return NullMonitor(config)
+    if wait_until_ready and not embedded.wait_until_ready():
+        log.warning("rlmon: the local collector did not start; see its output above")
     return Monitor(config, embedded.endpoint, on_close=embedded.finalize,
                    before_close=embedded.wait_until_ready)

@@ -48,7 +48,6 @@ class TrainingMonitor:
         self.callbacks: list[TrainingCallback] = []
         self.collector_settings: dict[str, Any] = {"--capacity": self.metrics_capacity}
         self._mon: Monitor | NullMonitor | None = None
-        self._embedded: Any = None
         self._closed = False
         self._final: dict[str, dict[str, Any]] = {}
         self._step: int | None = None
@@ -125,27 +124,13 @@ class TrainingMonitor:
         return self._mon
 
     def _start(self) -> Monitor | NullMonitor:
-        config = RankConfig.from_env(out_dir=str(self.output_dir))
-        if config.disabled:
-            return NullMonitor(config)
-        if config.endpoint:
-            return Monitor(config, config.endpoint)
-        if config.world_size > 1:
-            log.warning("rlmon: RLMON_ENDPOINT is not set in a %d-rank job; monitoring is off on "
-                        "this rank (start the job with `rlmon launch`)", config.world_size)
-            return NullMonitor(config)
-        from rlmon.embedded import start_embedded_collector
+        """Publish with ``rlmon``'s own start-up, passing the analyzers' settings to an embedded
+        collector (waited for, so the first questions find it)."""
+        from rlmon import _start
 
+        config = RankConfig.from_env(out_dir=str(self.output_dir))
         args = [str(item) for key, value in self.collector_settings.items() for item in (key, value)]
-        try:
-            self._embedded = start_embedded_collector(config, args)
-        except Exception as exc:
-            log.warning("rlmon: could not start a local collector (%s); monitoring is off", exc)
-            return NullMonitor(config)
-        if not self._embedded.wait_until_ready():
-            log.warning("rlmon: the local collector did not start; see its output above")
-        return Monitor(config, self._embedded.endpoint, on_close=self._embedded.finalize,
-                       before_close=self._embedded.wait_until_ready)
+        return _start(config, args, wait_until_ready=True)
 
     # -- events ----------------------------------------------------------------------------------
 
