@@ -83,8 +83,9 @@ class StreamDetector:
         raise NotImplementedError
 
 
-class ValueDetector(StreamDetector):
-    """Scores the value itself (KL, frac_reward_zero_std, clip fraction)."""
+class MetricSetDetector(StreamDetector):
+    """A detector of a fixed set of metric names, configured with its rule key (``name``), the
+    alert type it raises and a short phrase describing its score."""
 
     def __init__(self, name: str, alert_type: str, metrics: Iterable[str], describe: str) -> None:
         self.name, self.alert_type, self.metrics, self.describe = name, alert_type, set(metrics), describe
@@ -92,22 +93,22 @@ class ValueDetector(StreamDetector):
     def watches(self, metric: str) -> bool:
         """True for the configured metric names."""
         return metric in self.metrics
+
+
+class ValueDetector(MetricSetDetector):
+    """Scores the value itself (KL, frac_reward_zero_std, clip fraction)."""
 
     def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
         """The value is the score."""
         return [Score(self.name, self.alert_type, metric, step, value, self.describe)]
 
 
-class RatioToBaselineDetector(StreamDetector):
+class RatioToBaselineDetector(MetricSetDetector):
     """Scores short-EMA / mean of the first observations (entropy collapse, length blow-up)."""
 
     def __init__(self, name: str, alert_type: str, metrics: Iterable[str], describe: str) -> None:
-        self.name, self.alert_type, self.metrics, self.describe = name, alert_type, set(metrics), describe
+        super().__init__(name, alert_type, metrics, describe)
         self._baselines: dict[str, Baseline] = {}
-
-    def watches(self, metric: str) -> bool:
-        """True for the configured metric names."""
-        return metric in self.metrics
 
     def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
         """Score once the baseline (first 10 steps) is known."""
@@ -142,15 +143,8 @@ class KLAccelerationDetector(StreamDetector):
                       "KL short/long EMA ratio")]
 
 
-class SpikeDetector(StreamDetector):
+class SpikeDetector(MetricSetDetector):
     """Value divided by the median of the previous 50 values (gradient-norm spikes)."""
-
-    def __init__(self, name: str, alert_type: str, metrics: Iterable[str], describe: str) -> None:
-        self.name, self.alert_type, self.metrics, self.describe = name, alert_type, set(metrics), describe
-
-    def watches(self, metric: str) -> bool:
-        """True for the configured metric names."""
-        return metric in self.metrics
 
     def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
         """Score once 10 earlier points exist."""

@@ -34,6 +34,7 @@ from exporters.prometheus import MetricsServer
 from exporters.reports import write_final_reports
 from rlmon import wire
 from rlmon.errors import ConfigError, FrameRejected
+from rlmon.processes import process_alive
 from rlmon.wire import Kind
 
 log = logging.getLogger("rlmon.collector")
@@ -315,7 +316,7 @@ class CollectorService:
 
     def _check_parent(self) -> None:
         pid = self.config.parent_pid
-        if pid and not _process_alive(pid):
+        if pid and not process_alive(pid):
             log.warning("parent process %d is gone; finishing", pid)
             self.request_stop()
 
@@ -399,16 +400,6 @@ class StepRenderer:
 def new_control_key() -> str:
     """A random key that operators' stop requests must carry (stored mode 0600 in the run dir)."""
     return secrets.token_hex(16)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _alert_json(alert: Alert) -> dict[str, Any]:

@@ -424,19 +424,19 @@ class CollectorState:
 
     def tick(self, now: float) -> None:
         """Score the rank table (silent, stuck, straggling ranks; dropped events)."""
-        spans = {rank: self._span_seconds(rank) for rank in self.ranks.ranks}
-        scores = rank_scores(self.ranks, now, spans, self._rank_watch)
+        scores = rank_scores(self.ranks, now, self._span_seconds_by_rank(), self._rank_watch)
         self._act_on([self.rules.evaluate(score, now) for score in scores], now)
 
-    def _span_seconds(self, rank: int) -> float:
-        """Mean seconds a step of ``rank`` spent in timed phases (``span/*``), last 20 steps."""
-        total = 0.0
-        for metric, series_rank in self.store.keys():
-            if series_rank == rank and metric.startswith("span/"):
-                _, values = self.store.history(self.store.find(metric, rank), 20)
+    def _span_seconds_by_rank(self) -> dict[int, float]:
+        """Per rank, the mean seconds a step spent in timed phases (``span/*``), last 20 steps:
+        one pass over the series, whatever the number of ranks."""
+        totals: dict[int, float] = collections.defaultdict(float)
+        for series, (metric, rank) in enumerate(self.store.keys()):
+            if rank >= 0 and metric.startswith("span/"):
+                _, values = self.store.history(series, 20)
                 finite = values[np.isfinite(values)]
-                total += float(finite.mean()) if finite.size else 0.0
-        return total
+                totals[rank] += float(finite.mean()) if finite.size else 0.0
+        return totals
 
     def _store_aggregates(self, metric: str, done: CompletedSteps, rows: slice) -> None:
         try:

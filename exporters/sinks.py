@@ -59,6 +59,7 @@ from collector.eventlog import FILE_NAME as EVENT_LOG_NAME
 from collector.eventlog import MAGIC
 from rlmon import wire
 from rlmon.errors import ConfigError, FrameRejected, RlmonError
+from rlmon.processes import process_alive
 from rlmon.wire import Kind, Message
 
 log = logging.getLogger("rlmon.sinks")
@@ -580,21 +581,6 @@ class CollectorWatch:
         except OSError:
             return False
         return self._started_at is None or mtime >= self._started_at
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 @dataclass(kw_only=True, slots=True)

@@ -9,18 +9,17 @@ a bounded time.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from rlmon.config import RankConfig
+from rlmon.errors import CollectorUnavailable
+from rlmon.launch import finalize_collector, wait_for_collector
 
 #: Seconds ``close()`` waits for the embedded collector to write its final reports.
 FINALIZE_TIMEOUT = 60.0
@@ -38,26 +37,17 @@ class EmbeddedCollector:
 
     def wait_until_ready(self, timeout: float = READY_TIMEOUT) -> bool:
         """Wait (bounded) until the collector has bound its socket, so the last batches and the
-        goodbye are delivered rather than dropped at close. False if it never became ready."""
-        deadline = time.monotonic() + timeout
-        while self.process.poll() is None and time.monotonic() < deadline:
-            try:
-                if json.loads((self.out_dir / "collector.json").read_text()).get("pid") == self.process.pid:
-                    return True
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.02)
-        return False
+        goodbye are delivered rather than dropped at close. False if it never became ready (it
+        exited, or was killed past ``timeout``)."""
+        try:
+            wait_for_collector(self.out_dir / "collector.json", self.process, timeout)
+        except CollectorUnavailable:
+            return False
+        return True
 
     def finalize(self) -> None:
         """Ask the collector to finish (SIGTERM: it drains, writes reports, exits) and wait."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(FINALIZE_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        finalize_collector(self.process, FINALIZE_TIMEOUT)
         print(f"rlmon: reports in {self.out_dir}", file=sys.stderr)
 
 

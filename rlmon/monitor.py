@@ -246,6 +246,7 @@ class Monitor:
         if self._attached:
             self.log(max(self._publisher.current_step, 0), {})
         self._closed = True
+        self._max_pending = 0  # every later log() is dropped and counted as "closed"
         if self._before_close is not None:
             self._before_close()
         self._publisher.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import pytest
+
+from tests.components import require_binary
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -121,12 +122,7 @@ def stop_process(process: subprocess.Popen, timeout: float = 60.0) -> int:
 
 def promtool() -> str:
     """Path of promtool; fails in CI when it is missing, skips elsewhere."""
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing (install Debian's prometheus package)")
-        pytest.skip("promtool not installed")
-    return path
+    return require_binary("promtool", "scripts/setup.sh installs Debian's prometheus package")
 
 
 def scrape_until(url: str, predicate: Callable[[str], bool], timeout: float = 30.0,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import subprocess
 import urllib.error
 import urllib.parse
@@ -23,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 
+from tests.components import require_binary
 from tests.integration.helpers import REPO, free_port, stop_process, wait_for
 
 RULES_DIR = REPO / "exporters" / "prometheus_rules"
@@ -34,12 +33,7 @@ SCRAPE_INTERVAL_S = 1
 
 def prometheus_binary() -> str:
     """Path of the ``prometheus`` binary; fails in CI when it is missing, skips elsewhere."""
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is missing (install Debian's prometheus package)")
-        pytest.skip("prometheus not installed")
-    return path
+    return require_binary("prometheus", "scripts/setup.sh installs Debian's prometheus package")
 
 
 class PrometheusAPIError(AssertionError):

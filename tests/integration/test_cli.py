@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests.integration.helpers import child_env, read_json, rlmon_command, stop_process, wait_for
+from tests.components import require_binary
 
 
 def test_rank_side_imports_only_stdlib_pyzmq_and_msgpack():
@@ -74,8 +75,7 @@ def test_launch_returns_the_command_exit_code(tmp_path):
 
 def _self_signed(tmp_path, name):
     """A self-signed certificate for 127.0.0.1 made with openssl; returns (cert, key)."""
-    import shutil
-    assert shutil.which("openssl"), "openssl is needed to make test certificates"
+    require_binary("openssl", "scripts/setup.sh installs it")
     cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",

@@ -236,3 +236,12 @@ def test_should_checkpoint_fires_once_at_its_step(monitor):
     assert [monitor.should_checkpoint(s) for s in (1, 2, 3, 4)] == [False, False, True, False]
     monitor._publisher.checkpoint_offer = StopOffer(2, 2, "late", "", "")
     assert not monitor.should_checkpoint(5)
+
+
+def test_log_after_close_is_dropped_and_counted():
+    """After close(), log() queues nothing and counts the call as dropped ("closed")."""
+    mon = _idle_monitor()
+    mon.close()
+    mon.log(0, {"a": 1.0})
+    assert mon.statistics()["dropped"] == {"closed": 1}
+    assert len(mon._publisher.pending) == 0

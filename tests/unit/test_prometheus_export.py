@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -24,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporters.prometheus import (MetricsServer, SnapshotCollector, installed_version,
                                   make_registry)
 from snapshot_factory import make_metric, make_snapshot, make_stop
+from tests.components import require_binary
 
 
 @pytest.fixture
@@ -76,12 +75,7 @@ def names(text: str) -> set[str]:
 
 def promtool_or_skip() -> str:
     """Path to promtool; a missing promtool fails under CI and skips elsewhere."""
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is required when CI is set")
-        pytest.skip("promtool not installed")
-    return path
+    return require_binary("promtool", "scripts/setup.sh installs Debian's prometheus package")
 
 
 def test_promtool_check_metrics_reports_nothing(serve):
@@ -336,11 +330,7 @@ def test_unstarted_server_has_no_address():
 
 def test_tls_when_cert_and_key_given(tmp_path):
     """With certfile and keyfile the endpoint speaks HTTPS and the URL says https."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        if os.environ.get("CI"):
-            pytest.fail("openssl is missing (scripts/setup.sh installs it)")
-        pytest.skip("openssl not installed")
+    openssl = require_binary("openssl", "scripts/setup.sh installs it")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
