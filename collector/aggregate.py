@@ -19,7 +19,7 @@ default 64), plus the completed aggregates not yet popped.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,18 @@ _MAX_CACHED_BLOCKS = 10_000
 _CHUNK_VALUES = 1 << 16
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+
+
+def _empty_columns() -> tuple[np.ndarray, ...]:
+    """The columns of an empty :class:`CompletedSteps` (read-only: shared by every empty one)."""
+    columns = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), np.empty(0), np.empty(0),
+               np.empty(0, np.int64))
+    for column in columns:
+        column.flags.writeable = False
+    return columns
+
+
+_EMPTY_COLUMNS = _empty_columns()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +84,15 @@ class CompletedSteps:
     def __len__(self) -> int:
         return int(self.step.shape[0])
 
-    def runs(self) -> Iterator[tuple[str, slice]]:
+    def runs(self) -> list[tuple[str, slice]]:
         """``(metric name, rows)`` for each metric present, in row order; ``rows`` is a slice."""
         if not len(self):
-            return
+            return []
         starts = np.flatnonzero(np.diff(self.metric)) + 1
         bounds = [0, *starts.tolist(), len(self)]
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            yield self.names[int(self.metric[start])], slice(start, stop)
+        names = self.names
+        return [(names[m], slice(start, stop)) for m, start, stop in
+                zip(self.metric[bounds[:-1]].tolist(), bounds[:-1], bounds[1:])]
 
     def to_list(self) -> list[StepAggregate]:
         """The rows as :class:`StepAggregate` objects (Python ints and floats), in row order."""
@@ -183,9 +196,14 @@ class StepAggregator:
         """What :meth:`pop_completed` returns, as columns (no per-aggregate objects)."""
         k = kernels
         n = int(self._counters[k.COUNTER_OUT])
+        if n == 0:
+            return CompletedSteps(self._names_tuple, *_EMPTY_COLUMNS)
         ints, floats = self._out_ints[:, :n], self._out_floats[:, :n]
-        order = np.lexsort((ints[k.OUT_STEP], ints[k.OUT_METRIC]))
-        ints, floats = np.take(ints, order, axis=1), np.take(floats, order, axis=1)
+        if k.sorted_by_metric_and_step(ints[k.OUT_METRIC], ints[k.OUT_STEP]):
+            ints, floats = ints.copy(), floats.copy()  # the usual case: emitted in order
+        else:
+            order = np.lexsort((ints[k.OUT_STEP], ints[k.OUT_METRIC]))
+            ints, floats = np.take(ints, order, axis=1), np.take(floats, order, axis=1)
         self._counters[k.COUNTER_OUT] = 0
         return CompletedSteps(self._names_tuple, ints[k.OUT_METRIC], ints[k.OUT_STEP],
                               floats[k.OUT_MEAN], floats[k.OUT_MIN], floats[k.OUT_MAX],

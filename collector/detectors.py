@@ -1,11 +1,11 @@
 """Detectors: they turn the metric streams into scores; :mod:`collector.rules` decides.
 
-Each stream detector watches some metric names and scores every completed cross-rank step of
-them (:meth:`StreamDetector.observe`); the rank detectors score the rank table on every tick;
-:class:`SampleComparator` scores text samples against the first ones seen for the same prompts.
-What each score means, and its default rule, is in ``docs/detectors.md``. Detectors are plain
-Python over windows the store already holds (the window statistics themselves are Numba kernels);
-no sockets, and the clock is an argument.
+Each stream detector watches some metric names and scores each block of newly completed
+cross-rank steps of them at once (:meth:`StreamDetector.score`, a Numba scan from
+:mod:`collector.kernels` over the stored tail of the series); the rank detectors score the rank
+table on every tick; :class:`SampleComparator` scores text samples against the first ones seen
+for the same prompts. What each score means, and its default rule, is in ``docs/detectors.md``.
+No sockets, and the clock is an argument.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from collector import kernels
-from collector.rules import Score
+from collector.rules import Score, ScoreSeries
 
 #: Metric names per signal: TRL, OpenRLHF, verl and the seeds' spellings.
 KL_METRICS = ("kl", "kl_div", "kl_divergence", "objective/kl", "train/kl", "actor/kl", "policy/kl",
@@ -38,39 +38,25 @@ REWARD_PREFIXES = ("rewards/",)
 REWARD_METRICS = ("reward", "rewards", "train/reward", "objective/scores", "critic/score/mean")
 QUALITY_PREFIXES = ("quality/",)
 
-History = Callable[[str, int], np.ndarray]
-"""``history(metric, n)``: the last ``n`` completed cross-rank means of ``metric``, oldest first."""
-
-
 def is_reward(metric: str) -> bool:
     """True for a total reward or a per-reward-function series (``rewards/<name>``)."""
     return metric in REWARD_METRICS or metric.startswith(REWARD_PREFIXES)
 
 
-@dataclass(slots=True)
-class Baseline:
-    """Mean of the first ``size`` finite observations; then a short EMA of the rest."""
-
-    size: int = 10
-    span: int = 5
-    _first: list[float] = field(default_factory=list)
-    ema: float = math.nan
-
-    def update(self, value: float) -> float | None:
-        """Feed a value; return short-EMA / baseline once the baseline is complete."""
-        if not math.isfinite(value):
-            return None
-        if len(self._first) < self.size:
-            self._first.append(value)
-            return None
-        alpha = 2.0 / (self.span + 1)
-        self.ema = value if math.isnan(self.ema) else self.ema + alpha * (value - self.ema)
-        base = statistics.fmean(self._first)
-        return self.ema / base if abs(base) > 1e-12 else None
+Tail = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
+"""``tail(metric, n)``: ``(steps, values)`` of the last ``n`` stored cross-rank points of
+``metric``, oldest first (fewer when the series holds fewer; empty for an unknown metric)."""
 
 
 class StreamDetector:
-    """Base of the detectors that score completed steps of some metrics."""
+    """Base of the detectors that score completed cross-rank steps, a block at a time.
+
+    :meth:`score` gets the steps and values of one metric's newly completed block, already stored,
+    so ``tail(metric, n)`` ends with them. It returns one :class:`ScoreSeries` per kind of score,
+    holding only the steps that have a score (too little history, or a non-finite value, gives
+    none). Scoring a run in blocks of any size gives the same scores as step by step
+    (``tests/unit/test_detector_blocks.py`` checks it against the per-step references).
+    """
 
     name = ""
 
@@ -78,8 +64,8 @@ class StreamDetector:
         """True when this detector scores ``metric``."""
         raise NotImplementedError
 
-    def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
-        """Score one completed cross-rank step."""
+    def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
+        """Score one block of completed steps of ``metric`` (int64 ``steps``, float64 ``values``)."""
         raise NotImplementedError
 
 
@@ -94,27 +80,43 @@ class MetricSetDetector(StreamDetector):
         """True for the configured metric names."""
         return metric in self.metrics
 
+    def _series(self, metric: str, steps: np.ndarray, out: np.ndarray, emitted: np.ndarray) -> list[ScoreSeries]:
+        """The emitted scores as one series (none when nothing was emitted)."""
+        if not emitted.any():
+            return []
+        return [ScoreSeries(self.name, self.alert_type, metric, steps[emitted], out[emitted],
+                            self.describe)]
+
 
 class ValueDetector(MetricSetDetector):
     """Scores the value itself (KL, frac_reward_zero_std, clip fraction)."""
 
-    def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
-        """The value is the score."""
-        return [Score(self.name, self.alert_type, metric, step, value, self.describe)]
+    def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
+        """The values are the scores."""
+        return [ScoreSeries(self.name, self.alert_type, metric, steps, values, self.describe)]
+
+
+#: Finite values that make the baseline of :class:`RatioToBaselineDetector`.
+BASELINE_SIZE = 10
+#: Span of the short EMA compared with the baseline.
+BASELINE_EMA_SPAN = 5
 
 
 class RatioToBaselineDetector(MetricSetDetector):
-    """Scores short-EMA / mean of the first observations (entropy collapse, length blow-up)."""
+    """Scores short EMA / mean of the first ``BASELINE_SIZE`` finite values (entropy collapse,
+    length blow-up)."""
 
     def __init__(self, name: str, alert_type: str, metrics: Iterable[str], describe: str) -> None:
         super().__init__(name, alert_type, metrics, describe)
-        self._baselines: dict[str, Baseline] = {}
+        self._state: dict[str, np.ndarray] = {}
 
-    def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
-        """Score once the baseline (first 10 steps) is known."""
-        ratio = self._baselines.setdefault(metric, Baseline()).update(value)
-        return [] if ratio is None else [Score(self.name, self.alert_type, metric, step, ratio,
-                                               self.describe)]
+    def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
+        """Scores once the baseline is known."""
+        state = self._state.setdefault(metric, np.array([0.0, 0.0, math.nan]))
+        out, emitted = np.empty(values.size), np.empty(values.size, np.bool_)
+        kernels.baseline_ratio_scan(values, state, BASELINE_SIZE, 2.0 / (BASELINE_EMA_SPAN + 1),
+                                    out, emitted)
+        return self._series(metric, steps, out, emitted)
 
 
 class KLAccelerationDetector(StreamDetector):
@@ -123,112 +125,97 @@ class KLAccelerationDetector(StreamDetector):
     name = "kl_acceleration"
 
     def __init__(self) -> None:
-        self._state: dict[str, tuple[int, float, float]] = {}
+        self._state: dict[str, np.ndarray] = {}
 
     def watches(self, metric: str) -> bool:
         """KL metrics."""
         return metric in KL_METRICS
 
-    def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
-        """Score after 20 steps of history."""
-        if not math.isfinite(value):
+    def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
+        """Scores after 20 finite values, while the long EMA is above 1e-6."""
+        state = self._state.setdefault(metric, np.array([0.0, math.nan, math.nan]))
+        out, emitted = np.empty(values.size), np.empty(values.size, np.bool_)
+        kernels.ema_ratio_scan(values, state, 2.0 / 6, 2.0 / 51, 20, 1e-6, out, emitted)
+        if not emitted.any():
             return []
-        count, short, long = self._state.get(metric, (0, math.nan, math.nan))
-        short = kernels.ema_update(short, value, 2.0 / 6)
-        long = kernels.ema_update(long, value, 2.0 / 51)
-        self._state[metric] = (count + 1, short, long)
-        if count + 1 < 20 or long <= 1e-6:
-            return []
-        return [Score(self.name, "KL_ACCELERATING", metric, step, short / long,
-                      "KL short/long EMA ratio")]
+        return [ScoreSeries(self.name, "KL_ACCELERATING", metric, steps[emitted], out[emitted],
+                            "KL short/long EMA ratio")]
 
 
 class SpikeDetector(MetricSetDetector):
     """Value divided by the median of the previous 50 values (gradient-norm spikes)."""
 
-    def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
-        """Score once 10 earlier points exist."""
-        previous = history(metric, 51)[:-1]
-        previous = previous[np.isfinite(previous)]
-        if previous.size < 10 or not math.isfinite(value):
-            return []
-        median = float(np.median(np.abs(previous)))
-        if median <= 1e-12:
-            return []
-        return [Score(self.name, self.alert_type, metric, step, abs(value) / median, self.describe)]
+    lookback = 50
+
+    def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
+        """Scores once 10 earlier finite values exist."""
+        _, ext = tail(metric, self.lookback + values.size)
+        out, emitted = np.empty(values.size), np.empty(values.size, np.bool_)
+        kernels.median_ratio_scan(ext, values.size, self.lookback, 10, out, emitted)
+        return self._series(metric, steps, out, emitted)
 
 
 class TrendDetector(StreamDetector):
     """How many standard deviations a loss rose over the last 50 steps (slope × span / std)."""
 
     name = "loss_rising"
+    window = 50
 
     def watches(self, metric: str) -> bool:
         """Loss metrics."""
         return metric in LOSS_METRICS
 
-    def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
-        """Score once 20 points exist."""
-        window = history(metric, 50)
-        window = window[np.isfinite(window)]
-        if window.size < 20:
+    def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
+        """Scores once the window holds 20 finite values."""
+        _, ext = tail(metric, self.window - 1 + values.size)
+        out, emitted = np.empty(values.size), np.empty(values.size, np.bool_)
+        kernels.trend_scan(ext, values.size, self.window, 20, out, emitted)
+        if not emitted.any():
             return []
-        out = np.empty(kernels.N_STATS)
-        kernels.window_stats(window, np.arange(window.size, dtype=np.int64), out)
-        std = out[kernels.STAT_STD]
-        if not std > 1e-12:
-            return []
-        rise = out[kernels.STAT_SLOPE] * window.size / std
-        return [Score(self.name, "LOSS_RISING", metric, step, float(rise), "loss rise in std units")]
+        return [ScoreSeries(self.name, "LOSS_RISING", metric, steps[emitted], out[emitted],
+                            "loss rise in std units")]
+
+
+#: The reward anomaly scores: (rule key, alert type, description) per kernel output column.
+REWARD_SCORES = {
+    kernels.REWARD_FLATLINE: ("reward_flatline", "FLATLINE", "fraction of zeros"),
+    kernels.REWARD_NEGATIVE: ("reward_negative", "NEGATIVE", "fraction negative"),
+    kernels.REWARD_OUTLIER: ("reward_outlier", "OUTLIER", "distance from the mean in std"),
+    kernels.REWARD_DROP: ("reward_drop", "DROP", "fall of the short EMA"),
+    kernels.REWARD_SPIKE: ("reward_spike", "SPIKE", "short/long EMA ratio"),
+}
 
 
 class RewardAnomalyDetector(StreamDetector):
     """The GRPO seed's reward anomalies per reward series: OUTLIER, DROP, SPIKE, FLATLINE,
-    NEGATIVE, each its own detector name so each has its own rule."""
+    NEGATIVE, each its own detector name so each has its own rule (see
+    :func:`collector.kernels.reward_anomaly_scan`; EMAs over 10 and 100 steps)."""
 
     name = "reward_anomalies"
 
     def __init__(self, window: int = 100) -> None:
         self.window = window
-        self._emas: dict[str, tuple[float, float]] = {}
+        self._emas: dict[str, np.ndarray] = {}
 
     def watches(self, metric: str) -> bool:
         """Total and per-function rewards."""
         return is_reward(metric)
 
-    def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
-        """Up to five scores a step (each once enough history exists)."""
-        if not math.isfinite(value):
-            return []
-        short, long = self._emas.get(metric, (math.nan, math.nan))
-        short = kernels.ema_update(short, value, 2.0 / 11)
-        long = kernels.ema_update(long, value, 2.0 / 101)
-        self._emas[metric] = (short, long)
-        window = history(metric, self.window)
-        window = window[np.isfinite(window)]
-        if window.size < 10:
-            return []
-        fractions = np.empty(3)
-        kernels.sign_fractions(window, fractions)
-        scores = [Score("reward_flatline", "FLATLINE", metric, step, fractions[0], "fraction of zeros"),
-                  Score("reward_negative", "NEGATIVE", metric, step, fractions[1],
-                        "fraction negative")]
-        scores += self._outlier(metric, step, value, window[:-1])
-        if abs(long) > 1e-9 and window.size >= 20:
-            scores.append(Score("reward_drop", "DROP", metric, step, (long - short) / abs(long),
-                                "fall of the short EMA"))
-            if long > 0 and short > 0:
-                scores.append(Score("reward_spike", "SPIKE", metric, step, short / long,
-                                    "short/long EMA ratio"))
-        return scores
-
-    @staticmethod
-    def _outlier(metric: str, step: int, value: float, previous: np.ndarray) -> list[Score]:
-        std = float(previous.std()) if previous.size else 0.0
-        if previous.size < 10 or std <= 1e-12:
-            return []
-        z = abs(value - float(previous.mean())) / std
-        return [Score("reward_outlier", "OUTLIER", metric, step, z, "distance from the mean in std")]
+    def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
+        """Up to five score series (each once enough history exists)."""
+        _, ext = tail(metric, self.window - 1 + values.size)
+        state = self._emas.setdefault(metric, np.array([math.nan, math.nan]))
+        shape = (values.size, kernels.N_REWARD_SCORES)
+        out, emitted = np.empty(shape), np.empty(shape, np.bool_)
+        kernels.reward_anomaly_scan(ext, values.size, state, self.window, 2.0 / 11, 2.0 / 101,
+                                    out, emitted)
+        series = []
+        for column, (name, alert_type, describe) in REWARD_SCORES.items():
+            mask = emitted[:, column]
+            if mask.any():
+                series.append(ScoreSeries(name, alert_type, metric, steps[mask], out[mask, column],
+                                          describe))
+        return series
 
 
 #: Points that count as "recent" in the reward-hacking comparison.
@@ -240,8 +227,9 @@ class RewardHackingDetector(StreamDetector):
 
     Over the last ``window_size`` steps, compare the mean of the last ``RECENT_STEPS`` points with
     the mean of the points before them; when the total reward rose, the score is the largest
-    relative fall of a quality signal measured the same way: ``rewards/*`` components,
-    ``quality/*`` metrics and the sample comparator's similarities.
+    relative fall of a quality signal measured the same way over its own points at or before the
+    step: ``rewards/*`` components, ``quality/*`` metrics, and the sample comparator's
+    similarities (all of them so far: they are not tied to steps).
     """
 
     name = "reward_hacking"
@@ -257,33 +245,39 @@ class RewardHackingDetector(StreamDetector):
             self.quality_metrics.add(metric)
         return metric in REWARD_METRICS
 
-    def observe(self, metric: str, step: int, value: float, history: History) -> list[Score]:
-        """Score once the window holds at least 10 steps."""
-        reward = history(metric, self.window_size)
-        if reward.size < 2 * RECENT_STEPS:
+    def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
+        """Scores once the window holds ``2 * RECENT_STEPS`` steps."""
+        k = values.size
+        _, ext = tail(metric, self.window_size - 1 + k)
+        ends = np.arange(ext.size - k + 1, ext.size + 1, dtype=np.int64)
+        gain, emitted = self._changes(ext, ends)
+        if not emitted.any():
             return []
-        gain = _relative_change(reward[:-RECENT_STEPS], reward[-RECENT_STEPS:])
-        if not gain > 0:
-            return [Score(self.name, "REWARD_HACKING", metric, step, 0.0, "quality fall while reward rises")]
-        falls = [-_relative_change(s[:-RECENT_STEPS], s[-RECENT_STEPS:])
-                 for s in self._quality_series(history)]
-        worst = max((f for f in falls if math.isfinite(f)), default=0.0)
-        return [Score(self.name, "REWARD_HACKING", metric, step, max(worst, 0.0),
-                      "quality fall while reward rises")]
+        worst = np.zeros(k)
+        for fall in self._quality_falls(steps, tail):
+            np.fmax(worst, fall, out=worst)
+        scores = np.where(gain > 0, worst, 0.0)
+        return [ScoreSeries(self.name, "REWARD_HACKING", metric, steps[emitted], scores[emitted],
+                            "quality fall while reward rises")]
 
-    def _quality_series(self, history: History) -> list[np.ndarray]:
-        series = [history(name, self.window_size) for name in sorted(self.quality_metrics)]
-        series += list(self._quality().values())
-        return [s for s in series if s.size >= 2 * RECENT_STEPS]
+    def _changes(self, values: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out, emitted = np.full(ends.size, np.nan), np.empty(ends.size, np.bool_)
+        kernels.split_change_scan(values, ends, self.window_size, RECENT_STEPS, out, emitted)
+        return out, emitted
 
-
-def _relative_change(before: np.ndarray, after: np.ndarray) -> float:
-    before, after = before[np.isfinite(before)], after[np.isfinite(after)]
-    if not before.size or not after.size:
-        return math.nan
-    first, second = float(before.mean()), float(after.mean())
-    scale = max(abs(first), 1e-9)
-    return (second - first) / scale
+    def _quality_falls(self, steps: np.ndarray, tail: Tail) -> list[np.ndarray]:
+        """Per quality signal, its relative fall at each block step (NaN where unknown)."""
+        falls = []
+        reach = 4 * (self.window_size + steps.size)
+        for name in sorted(self.quality_metrics):
+            q_steps, q_values = tail(name, reach)
+            change, emitted = self._changes(q_values, np.searchsorted(q_steps, steps, "right"))
+            falls.append(np.where(emitted, -change, np.nan))
+        for similarities in self._quality().values():
+            if similarities.size >= 2 * RECENT_STEPS:
+                change, _ = self._changes(similarities, np.array([similarities.size], np.int64))
+                falls.append(np.full(steps.size, -change[0]))
+        return falls
 
 
 def default_stream_detectors(window_size: int = 50,

@@ -330,6 +330,254 @@ def warm_up() -> None:
     aggregate_block(slot_ints, slot_floats, np.zeros((1, 2), np.int64), *pairs, *out, 2, ids, ids,
                     np.zeros(1, np.int64), np.ones((1, 1)))
     aggregate_complete(slot_ints, slot_floats, *out, 0)
+    sorted_by_metric_and_step(out[0][0, :], out[0][1, :])
+    _warm_up_detector_scans()
+
+
+def _warm_up_detector_scans() -> None:
+    ext, flags = np.zeros(4), np.zeros(4, np.bool_)
+    ema_ratio_scan(ext, np.array([0.0, np.nan, np.nan]), 0.5, 0.5, 1, 0.0, np.empty(4), flags)
+    baseline_ratio_scan(ext, np.zeros(3), 1, 0.5, np.empty(4), flags)
+    median_ratio_scan(ext, 2, 2, 1, np.empty(2), flags)
+    trend_scan(ext, 2, 2, 1, np.empty(2), flags)
+    reward_anomaly_scan(ext, 2, np.full(2, np.nan), 4, 0.5, 0.5, np.empty((2, N_REWARD_SCORES)),
+                        np.zeros((2, N_REWARD_SCORES), np.bool_))
+    split_change_scan(ext, np.array([4], np.int64), 4, 1, np.empty(1), flags)
+    rule_levels(ext, np.full(6, np.nan), np.empty(4, np.int8))
+
+
+# -- detector scans -------------------------------------------------------------------------------
+#
+# Each scan scores the last ``k`` points of one cross-rank series at once. ``ext`` holds the
+# series' stored tail, oldest first, ending with those ``k`` points (the block being scored), so a
+# rolling window for block point ``j`` ends at ``ext[len(ext) - k + j]``. Outputs are written per
+# block point with an ``emitted`` flag: a point with too little history (or a non-finite value)
+# emits no score. Running state (EMAs, baselines) lives in small float64 arrays the caller keeps
+# per metric. The per-step reference implementations are in ``tests/unit/reference_detectors.py``.
+
+@njit(cache=True)
+def finite_of(x, start, stop, buf):
+    """Copy the finite values of ``x[start:stop]`` to the front of ``buf``; return how many."""
+    m = 0
+    for i in range(start, stop):
+        if np.isfinite(x[i]):
+            buf[m] = x[i]
+            m += 1
+    return m
+
+
+@njit(cache=True)
+def scale_of(x):
+    """:func:`magnitude_scale` for a non-empty, unsorted finite ``x``."""
+    largest = 0.0
+    for v in x:
+        largest = max(largest, abs(v))
+    if largest == 0.0 or 2.0**-500 <= largest < 2.0**500:
+        return 1.0
+    return math.ldexp(1.0, max(math.frexp(largest)[1] - 1, -1000))
+
+
+@njit(cache=True)
+def ema_ratio_scan(values, state, alpha_short, alpha_long, min_count, min_long, out, emitted):
+    """KL acceleration: short EMA / long EMA of the finite values, once ``min_count`` finite
+    values were seen and the long EMA exceeds ``min_long``.
+
+    ``state`` float64 ``[count, short, long]`` is updated in place (NaN EMAs before the first
+    value)."""
+    count, short, long = state[0], state[1], state[2]
+    for j in range(values.shape[0]):
+        emitted[j] = False
+        x = values[j]
+        if not np.isfinite(x):
+            continue
+        short = ema_update(short, x, alpha_short)
+        long = ema_update(long, x, alpha_long)
+        count += 1
+        if count >= min_count and long > min_long:
+            out[j] = short / long
+            emitted[j] = True
+    state[0], state[1], state[2] = count, short, long
+
+
+@njit(cache=True)
+def baseline_ratio_scan(values, state, size, alpha, out, emitted):
+    """Entropy collapse / length blow-up: the mean of the first ``size`` finite values is the
+    baseline; after it, score short EMA / baseline (no score while ``|baseline| <= 1e-12``).
+
+    ``state`` float64 ``[n_first, sum_first, ema]`` is updated in place."""
+    n_first, total, ema = state[0], state[1], state[2]
+    for j in range(values.shape[0]):
+        emitted[j] = False
+        x = values[j]
+        if not np.isfinite(x):
+            continue
+        if n_first < size:
+            n_first += 1
+            total += x
+            continue
+        ema = ema_update(ema, x, alpha)
+        base = total / n_first
+        if abs(base) > 1e-12:
+            out[j] = ema / base
+            emitted[j] = True
+    state[0], state[1], state[2] = n_first, total, ema
+
+
+@njit(cache=True)
+def median_ratio_scan(ext, k, lookback, min_points, out, emitted):
+    """Gradient-norm spikes: ``|x| / median(|previous|)`` over the finite values of the
+    ``lookback`` points before ``x``; needs ``min_points`` of them and a median above 1e-12."""
+    buf = np.empty(lookback)
+    first = ext.shape[0] - k
+    for j in range(k):
+        emitted[j] = False
+        idx = first + j
+        x = ext[idx]
+        m = finite_of(ext, max(0, idx - lookback), idx, buf)
+        if m < min_points or not np.isfinite(x):
+            continue
+        window = np.abs(buf[:m])
+        median = np.median(window)
+        if median > 1e-12:
+            out[j] = abs(x) / median
+            emitted[j] = True
+
+
+@njit(cache=True)
+def trend_scan(ext, k, window, min_points, out, emitted):
+    """Loss rising: over the finite values of the ``window`` points ending at each block point,
+    least-squares slope (against their order) × count / population std; needs ``min_points``
+    finite values and a std above 1e-12."""
+    buf = np.empty(window)
+    moments_out = np.empty(N_STATS)
+    first = ext.shape[0] - k
+    for j in range(k):
+        emitted[j] = False
+        idx = first + j
+        m = finite_of(ext, max(0, idx - window + 1), idx + 1, buf)
+        if m < min_points:
+            continue
+        x = buf[:m]
+        scale = scale_of(x)
+        moments(x, scale, moments_out)
+        std = moments_out[STAT_STD]
+        if not std > 1e-12:
+            continue
+        rise = slope(x, np.arange(m), moments_out[STAT_MEAN], scale)
+        out[j] = rise * m / std
+        emitted[j] = True
+
+
+#: Columns of a :func:`reward_anomaly_scan` output.
+REWARD_FLATLINE = 0
+REWARD_NEGATIVE = 1
+REWARD_OUTLIER = 2
+REWARD_DROP = 3
+REWARD_SPIKE = 4
+N_REWARD_SCORES = 5
+
+
+@njit(cache=True)
+def reward_anomaly_scan(ext, k, state, window, alpha_short, alpha_long, out, emitted):
+    """The GRPO guide's reward anomalies for each block point with a finite value, over the finite
+    values of the ``window`` points ending there (at least 10):
+
+    * ``REWARD_FLATLINE`` / ``REWARD_NEGATIVE``: fractions of zeros / negatives;
+    * ``REWARD_OUTLIER``: ``|x - mean| / std`` of the earlier values (10 or more, std > 1e-12);
+    * with 20 or more values and ``|long EMA| > 1e-9``: ``REWARD_DROP`` = (long − short) / |long|,
+      and when both EMAs are positive ``REWARD_SPIKE`` = short / long.
+
+    ``state`` float64 ``[short, long]`` (EMAs of every finite value) is updated in place.
+    """
+    buf = np.empty(window)
+    fractions = np.empty(3)
+    stats = np.empty(N_STATS)
+    short, long = state[0], state[1]
+    first = ext.shape[0] - k
+    for j in range(k):
+        for c in range(N_REWARD_SCORES):
+            emitted[j, c] = False
+        idx = first + j
+        x = ext[idx]
+        if not np.isfinite(x):
+            continue
+        short = ema_update(short, x, alpha_short)
+        long = ema_update(long, x, alpha_long)
+        m = finite_of(ext, max(0, idx - window + 1), idx + 1, buf)
+        if m < 10:
+            continue
+        sign_fractions(buf[:m], fractions)
+        out[j, REWARD_FLATLINE], out[j, REWARD_NEGATIVE] = fractions[0], fractions[1]
+        emitted[j, REWARD_FLATLINE] = emitted[j, REWARD_NEGATIVE] = True
+        if m - 1 >= 10:
+            previous = buf[:m - 1]
+            moments(previous, scale_of(previous), stats)
+            if stats[STAT_STD] > 1e-12:
+                out[j, REWARD_OUTLIER] = abs(x - stats[STAT_MEAN]) / stats[STAT_STD]
+                emitted[j, REWARD_OUTLIER] = True
+        if abs(long) > 1e-9 and m >= 20:
+            out[j, REWARD_DROP] = (long - short) / abs(long)
+            emitted[j, REWARD_DROP] = True
+            if long > 0 and short > 0:
+                out[j, REWARD_SPIKE] = short / long
+                emitted[j, REWARD_SPIKE] = True
+    state[0], state[1] = short, long
+
+
+@njit(cache=True)
+def finite_mean(x, start, stop):
+    """Mean of the finite values of ``x[start:stop]`` (NaN when none)."""
+    total = 0.0
+    m = 0
+    for i in range(start, stop):
+        if np.isfinite(x[i]):
+            total += x[i]
+            m += 1
+    return total / m if m else np.nan
+
+
+@njit(cache=True)
+def split_change_scan(values, ends, window, recent, out, emitted):
+    """Reward hacking's trend comparison. For each ``e`` in ``ends``, the window is
+    ``values[max(0, e - window):e]``; when it holds at least ``2 * recent`` points, ``out`` is the
+    relative change (after − before) / max(|before|, 1e-9) between the finite means of its first
+    part and of its last ``recent`` points (NaN when either part has no finite value)."""
+    for j in range(ends.shape[0]):
+        e = ends[j]
+        start = max(0, e - window)
+        emitted[j] = e - start >= 2 * recent
+        if not emitted[j]:
+            continue
+        before = finite_mean(values, start, e - recent)
+        after = finite_mean(values, e - recent, e)
+        out[j] = (after - before) / max(abs(before), 1e-9)
+
+
+#: Slots of a rule's threshold array (:func:`rule_levels`); NaN means "not set".
+THRESHOLD_SLOTS = ("info_above", "info_below", "warning_above", "warning_below",
+                   "critical_above", "critical_below")
+
+
+@njit(cache=True)
+def rule_levels(values, thresholds, out):
+    """Severity code of each score (0 none, 1 INFO, 2 WARNING, 3 CRITICAL: the highest whose
+    threshold it breaches; non-finite scores breach nothing). Returns the index of the first
+    non-zero code, or -1 when every code is 0."""
+    first = -1
+    for j in range(values.shape[0]):
+        x = values[j]
+        code = 0
+        if np.isfinite(x):
+            for level in range(3, 0, -1):
+                above = thresholds[2 * (level - 1)]
+                below = thresholds[2 * (level - 1) + 1]
+                if (not np.isnan(above) and x > above) or (not np.isnan(below) and x < below):
+                    code = level
+                    break
+        out[j] = code
+        if code and first < 0:
+            first = j
+    return first
 
 
 # -- cross-rank step aggregates -------------------------------------------------------------
@@ -548,6 +796,15 @@ def aggregate_block(slot_ints, slot_floats, metric_ints, pair_steps, pair_values
                     agg_add_finite(slot_ints, slot_floats, m, slot, x)
             if slot_ints[m, slot, SLOT_REPORTED] >= world_size:
                 agg_emit(slot_ints, slot_floats, m, slot, out_ints, out_floats, counters)
+
+
+@njit(cache=True)
+def sorted_by_metric_and_step(metric, step):
+    """True when the pairs ``(metric[i], step[i])`` are in ascending order."""
+    for i in range(1, metric.shape[0]):
+        if metric[i] < metric[i - 1] or (metric[i] == metric[i - 1] and step[i] < step[i - 1]):
+            return False
+    return True
 
 
 @njit(cache=True)

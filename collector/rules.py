@@ -19,6 +19,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
+from collector import kernels
 from collector.snapshot import Alert
 from rlmon.errors import ConfigError
 
@@ -43,6 +46,25 @@ class Score:
     value: float
     describe: str = ""
     rank: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreSeries:
+    """Scores of one detector for one subject at several steps (a block scored at once):
+    ``values[i]`` at ``steps[i]``, steps ascending; the other fields as in :class:`Score`."""
+
+    detector: str
+    alert_type: str
+    subject: str
+    steps: np.ndarray
+    values: np.ndarray
+    describe: str = ""
+    rank: int = -1
+
+    def at(self, index: int) -> Score:
+        """The score at position ``index`` as a :class:`Score`."""
+        return Score(self.detector, self.alert_type, self.subject, int(self.steps[index]),
+                     float(self.values[index]), self.describe, self.rank)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -88,6 +110,14 @@ class Rule:
             if (above is not None and value > above) or (below is not None and value < below):
                 return severity
         return None
+
+    def thresholds(self) -> np.ndarray:
+        """The thresholds in :data:`collector.kernels.THRESHOLD_SLOTS` order, NaN where unset,
+        or None when the rule is disabled (what :func:`collector.kernels.rule_levels` reads)."""
+        if not self.enabled:
+            return None
+        return np.array([math.nan if getattr(self, slot) is None else getattr(self, slot)
+                         for slot in kernels.THRESHOLD_SLOTS], dtype=np.float64)
 
     def threshold(self, severity: str) -> float:
         """The threshold of ``severity`` (the ``_above`` one when both are set; NaN if none)."""
@@ -156,6 +186,36 @@ class RuleEngine:
     _state: dict[tuple[str, str], _RuleState] = field(default_factory=dict)
     firing: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     """(detector, subject) → (alert type, severity) for every condition holding right now."""
+    _thresholds: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def evaluate_series(self, series: ScoreSeries, now: float) -> list[Finding]:
+        """Judge a block of scores in step order; the same findings as :meth:`evaluate` on each.
+
+        Scores that breach no threshold only reset the streak, so a block with no breach costs
+        one kernel call; from the first breach on, scores are judged one by one."""
+        thresholds = self._thresholds.get(series.detector)
+        if thresholds is None:
+            rule = self.rules.get(series.detector)
+            if rule is None or not rule.enabled:
+                return []
+            thresholds = self._thresholds[series.detector] = rule.thresholds()
+        levels = np.empty(series.values.size, np.int8)
+        first = kernels.rule_levels(series.values, thresholds, levels)
+        key = (series.detector, series.subject)
+        if first != 0:
+            self._reset(key)
+        if first < 0:
+            return []
+        findings = [self.evaluate(series.at(i), now) for i in range(first, series.values.size)]
+        return [f for f in findings if f is not None]
+
+    def _reset(self, key: tuple[str, str]) -> None:
+        """What a score breaching nothing does: no streak, not firing, nothing alerted."""
+        self.firing.pop(key, None)
+        state = self._state.get(key)
+        if state is not None:
+            state.streak_level, state.streak, state.breached_since = None, 0, math.nan
+            state.alerted_level = None
 
     def evaluate(self, score: Score, now: float) -> Finding | None:
         """Judge one score; return the finding when it should alert now."""

@@ -18,22 +18,33 @@ from rlmon.errors import ConfigError
 
 
 class Streams:
-    """A stand-in for the store's cross-rank history: metric -> list of values."""
+    """A stand-in for the store's cross-rank series: metric -> steps and values."""
 
     def __init__(self):
         self.data: dict[str, list[float]] = {}
+        self.steps: dict[str, list[int]] = {}
 
-    def feed(self, detector, metric, values, start=0):
-        """Append each value and collect the detector's scores."""
+    def put(self, metric, values, start=0):
+        """Store values at steps start, start + 1, ... without scoring them."""
+        self.data.setdefault(metric, []).extend(values)
+        self.steps.setdefault(metric, []).extend(range(start, start + len(values)))
+
+    def feed(self, detector, metric, values, start=0, block=1):
+        """Store the values ``block`` steps at a time, collecting the detector's scores."""
         scores = []
-        for offset, value in enumerate(values):
-            self.data.setdefault(metric, []).append(value)
-            scores += detector.observe(metric, start + offset, value, self.history)
+        for offset in range(0, len(values), block):
+            chunk = [float(v) for v in values[offset:offset + block]]
+            self.put(metric, chunk, start + offset)
+            steps = np.arange(start + offset, start + offset + len(chunk), dtype=np.int64)
+            for series in detector.score(metric, steps, np.array(chunk), self.tail):
+                scores += [series.at(i) for i in range(series.values.size)]
         return scores
 
-    def history(self, metric, n):
-        """The last n values, oldest first."""
-        return np.asarray(self.data.get(metric, [])[-n:], dtype=np.float64)
+    def tail(self, metric, n):
+        """The last n (steps, values), oldest first."""
+        steps, values = self.steps.get(metric, []), self.data.get(metric, [])
+        start = max(0, len(steps) - n)
+        return np.asarray(steps[start:], np.int64), np.asarray(values[start:], np.float64)
 
 
 def _levels(rule, values, for_steps=None, times=None):
@@ -175,13 +186,12 @@ def test_reward_hacking_needs_rising_reward_and_falling_quality():
     streams = Streams()
     detector = RewardHackingDetector(window_size=20)
     detector.watches("rewards/format")
-    for step in range(20):
-        streams.data.setdefault("rewards/format", []).append(1.0 if step < 10 else 0.4)
+    streams.put("rewards/format", [1.0 if step < 10 else 0.4 for step in range(20)])
     # recent 10 steps vs the 10 before: reward rose, format fell from 1.0 to 0.4
     scores = streams.feed(detector, "reward", [float(s) for s in range(20)])
     assert scores[-1].value == pytest.approx(0.6)
     healthy = Streams()
-    healthy.data["rewards/format"] = [float(s) for s in range(20)]
+    healthy.put("rewards/format", [float(s) for s in range(20)])
     assert healthy.feed(RewardHackingDetector(20), "reward", [float(s) for s in range(20)])[-1].value == 0.0
 
 
