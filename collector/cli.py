@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-keyfile", default=None, help="the certificate's private key")
     parser.add_argument("--metrics-client-cafile", default=None,
                         help="require client certificates signed by this CA (mutual TLS)")
+    parser.add_argument("--curve-dir", type=Path, default=None,
+                        help="serve CURVE only, to the clients whose keys are in DIR/clients "
+                             "(made by `rlmon keys DIR`); for ranks on other nodes")
     parser.add_argument("--max-rank-labels", type=int, default=64,
                         help="per-rank series on /metrics up to this many ranks; past it, "
                              "aggregates and the worst 5 ranks only")
@@ -63,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write TensorBoard event files to DIR/tensorboard (a sink process)")
     parser.add_argument("--wandb", action="store_true",
                         help="also write a W&B run in offline mode to DIR/wandb (a sink process)")
+    parser.add_argument("--callback", action="append", default=[], metavar="MODULE:CLASS",
+                        help="run this TrainingCallback class beside the collector, fed from the "
+                             "event log (repeatable; see exporters/callbacks.py)")
     parser.add_argument("--capacity", type=int, default=10_000, help="points kept per series")
     parser.add_argument("--max-series", type=int, default=4_096, help="most (metric, rank) series")
 
@@ -84,13 +90,15 @@ def collector_args(args: argparse.Namespace) -> list[str]:
             "--max-series", str(args.max_series),
             "--visualization-frequency", str(args.visualization_frequency),
             "--max-rank-labels", str(args.max_rank_labels),
+            *(["--curve-dir", str(args.curve_dir)] if args.curve_dir else []),
             *(["--tensorboard"] if args.tensorboard else []), *(["--wandb"] if args.wandb else []),
             "--reward-hack-threshold", str(args.reward_hack_threshold),
             "--window-size", str(args.window_size), "--sample-size", str(args.sample_size),
             "--comparison-frequency", str(args.comparison_frequency),
             "--degradation-threshold", str(args.degradation_threshold),
             *(["--rules", str(args.rules)] if args.rules else []),
-            *[item for rule in args.rule for item in ("--rule", rule)]]
+            *[item for rule in args.rule for item in ("--rule", rule)],
+            *[item for spec in args.callback for item in ("--callback", spec)]]
 
 
 def build_service(args: argparse.Namespace) -> CollectorService:
@@ -98,7 +106,8 @@ def build_service(args: argparse.Namespace) -> CollectorService:
     from collector.service import CollectorService, ServiceConfig, new_control_key
     from collector.state import StateConfig
 
-    state = StateConfig(run_id=args.run_id or uuid.uuid4().hex[:12], world_size=args.world_size,
+    run_id = args.run_id or _read_collector_json(args.out).get("run_id") or uuid.uuid4().hex[:12]
+    state = StateConfig(run_id=run_id, world_size=args.world_size,
                         capacity=args.capacity, max_series=args.max_series,
                         kl_threshold=args.kl_threshold, control_key=new_control_key(),
                         rules=rules_from_args(args), window_size=args.window_size,
@@ -109,7 +118,7 @@ def build_service(args: argparse.Namespace) -> CollectorService:
         out_dir=args.out, endpoint=args.endpoint, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port, parent_pid=getattr(args, "parent_pid", 0), state=state,
         visualization_frequency=args.visualization_frequency, metrics_tls=_tls_of(args),
-        sinks=_sinks_of(args), max_rank_labels=args.max_rank_labels))
+        sinks=_sinks_of(args), max_rank_labels=args.max_rank_labels, curve_dir=args.curve_dir))
 
 
 def _sinks_of(args: argparse.Namespace) -> tuple[str, ...]:
@@ -157,23 +166,43 @@ def run_collector(args: argparse.Namespace) -> int:
                         format="rlmon collector: %(message)s")
     _check_positive(args)
     service = build_service(args)
-    service.install_signal_handlers()
-    service.start()
-    if not args.quiet:
-        print(json.dumps({"endpoint": service.endpoint, "metrics_url": service.metrics_url,
-                          "out": str(args.out)}), flush=True)
+    callbacks = _start_callbacks(args)
     try:
-        service.run()
+        service.install_signal_handlers()
+        service.start()
+        if not args.quiet:
+            print(json.dumps({"endpoint": service.endpoint, "metrics_url": service.metrics_url,
+                              "out": str(args.out)}), flush=True)
+        try:
+            service.run()
+        finally:
+            written = service.finalize()
     finally:
-        written = service.finalize()
+        if callbacks is not None:
+            from exporters.callbacks import stop_callback_process
+            stop_callback_process(callbacks)
     if not args.quiet:
         print(f"rlmon collector: wrote {', '.join(p.name for p in written)} in {args.out}", flush=True)
     return 0
 
 
+def _start_callbacks(args: argparse.Namespace):
+    """The ``--callback`` process (None without the flag): started before the collector serves,
+    so a bad ``module:Class`` is a ConfigError naming it before anything is written."""
+    if not getattr(args, "callback", None):
+        return None
+    import os
+
+    from exporters.callbacks import start_callback_process
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return start_callback_process(Path(args.out), args.callback, os.getpid(), quiet=args.quiet)
+
+
 def replay(out_dir: Path, kl_threshold: float = 0.1) -> CollectorState:
     """Rebuild a run's state from its event log (offline; the run may be finished or killed)."""
     from collector.eventlog import FILE_NAME, ReadResult, read_records
+    from collector.service import message_time
     from collector.state import CollectorState, StateConfig
     from rlmon import wire
     from rlmon.errors import FrameRejected
@@ -191,7 +220,7 @@ def replay(out_dir: Path, kl_threshold: float = 0.1) -> CollectorState:
         except FrameRejected as exc:
             state.reject(exc.reason)
             continue
-        when = _message_time(message)
+        when = message_time(message)
         first = when if first is None else min(first, when)
         state.handle(message, None, when)
     if first is not None:
@@ -200,11 +229,6 @@ def replay(out_dir: Path, kl_threshold: float = 0.1) -> CollectorState:
     if results and results[0].skipped_bytes:
         state.rejected_by_reason["torn_tail"] += 1
     return state
-
-
-def _message_time(message) -> float:
-    value = message.fields.get("t")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else time.time()
 
 
 def _read_collector_json(out_dir: Path) -> dict:

@@ -27,7 +27,13 @@ class EventLog:
     """Append-only writer. Not thread-safe: owned by the collector's receive loop.
 
     Reopening an existing log first cuts off a torn or corrupt tail (``truncated_bytes``), so
-    records appended after a crash are never hidden behind a record no reader trusts."""
+    records appended after a crash are never hidden behind a record no reader trusts.
+
+    A failed write or fsync (a full disk, an I/O error) never raises into the receive loop:
+    :meth:`commit` returns False and :attr:`failing` holds the error. Records appended since the
+    last good commit stay in memory; the next :meth:`commit` cuts the file back to its last
+    durable size and writes them again, so after a failed fsync nothing is trusted that the
+    kernel may have dropped (a later fsync does not vouch for pages an earlier one failed on)."""
 
     truncated_bytes = 0
 
@@ -39,30 +45,76 @@ class EventLog:
         self._file: BinaryIO = open(self.path, "ab")
         if is_new:
             self._file.write(MAGIC)
-        self._unsynced = 0
-        self.bytes_written = self.path.stat().st_size if not is_new else len(MAGIC)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._durable_size = self.path.stat().st_size
+        self._uncommitted: list[bytes] = []
+        self._needs_rewrite = False
+        self.failing: str = ""
+        """The last write or fsync error while it lasts ("" when the log is healthy)."""
+        self.failures = 0
+        """Commits that failed so far."""
+        self.bytes_written = self._durable_size
 
     def append(self, payload: bytes) -> None:
-        """Buffer one record; it is durable only after :meth:`commit`."""
-        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)))
-        self._file.write(payload)
-        self._unsynced += 1
+        """Buffer one record; it is durable only after :meth:`commit` returns True."""
+        self._uncommitted.append(payload)
         self.bytes_written += _HEADER.size + len(payload)
+        if self._needs_rewrite:
+            return  # the next commit writes every uncommitted record again
+        try:
+            self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        except OSError as exc:
+            self._fail(exc)
 
     def commit(self) -> bool:
-        """Flush and fsync everything appended so far (group commit). True if there was any."""
-        if not self._unsynced:
+        """Flush and fsync everything appended so far (group commit). True when every appended
+        record is durable; False after a write or fsync error (they stay pending, see the class)."""
+        if not self._uncommitted:
+            return not self._needs_rewrite
+        try:
+            if self._needs_rewrite:
+                self._rewrite_uncommitted()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            self._fail(exc)
             return False
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._unsynced = 0
+        self._durable_size = self._file.tell()
+        self._uncommitted.clear()
+        self._needs_rewrite, self.failing = False, ""
         return True
 
+    @property
+    def pending_records(self) -> int:
+        """Records appended and not yet durable."""
+        return len(self._uncommitted)
+
     def close(self) -> None:
-        """Commit and close."""
+        """Commit (as far as the disk allows) and close."""
         if not self._file.closed:
             self.commit()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # its buffer could not be written: those records were never acknowledged
+
+    def _fail(self, exc: OSError) -> None:
+        self.failing = f"{type(exc).__name__}: {exc}"
+        self.failures += 1
+        self._needs_rewrite = True
+
+    def _rewrite_uncommitted(self) -> None:
+        """Reopen at the last durable size and write every pending record again."""
+        try:
             self._file.close()
+        except OSError:
+            pass  # its unwritten buffer is dropped: the records are written again below
+        with open(self.path, "r+b") as file:
+            file.truncate(self._durable_size)
+        self._file = open(self.path, "ab")
+        for payload in self._uncommitted:
+            self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
 
 
 @dataclass(frozen=True, slots=True)

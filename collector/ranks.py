@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Sequence
 
 from collector.snapshot import RankSnapshot
 
@@ -12,6 +13,44 @@ from collector.snapshot import RankSnapshot
 RATE_WINDOW_SECONDS = 0.5
 #: Weight of the newest observation in the step-rate and lag moving averages.
 _SMOOTHING = 0.3
+
+
+#: Sequence numbers remembered above the contiguous watermark (older ones are forgotten and
+#: counted as given up, so a rank that never fills a gap cannot grow the set without bound).
+MAX_SEQS_ABOVE_WATERMARK = 4096
+
+
+@dataclass(slots=True)
+class SeqWindow:
+    """Which batches of one incarnation the collector holds: every ``seq <= watermark``, plus the
+    ones in ``above`` (received out of order, after a gap that a re-send may still fill)."""
+
+    watermark: int = 0
+    above: set[int] = field(default_factory=set)
+
+    def seen(self, seq: int) -> bool:
+        """True when batch ``seq`` was already accepted (a duplicate)."""
+        return seq <= self.watermark or seq in self.above
+
+    def accept(self, seq: int) -> None:
+        """Record batch ``seq`` and advance the watermark over what is now contiguous."""
+        self.above.add(seq)
+        self._advance()
+
+    def give_up_below(self, floor: int) -> None:
+        """The rank holds nothing below ``floor`` any more (acknowledged or dropped): stop
+        waiting for those gaps."""
+        if floor - 1 > self.watermark:
+            self.watermark = floor - 1
+            self.above = {s for s in self.above if s > self.watermark}
+            self._advance()
+
+    def _advance(self) -> None:
+        while self.watermark + 1 in self.above:
+            self.watermark += 1
+            self.above.discard(self.watermark)
+        if len(self.above) > MAX_SEQS_ABOVE_WATERMARK:
+            self.give_up_below(min(self.above))
 
 
 @dataclass(slots=True)
@@ -29,12 +68,28 @@ class RankInfo:
     last_seen: float = 0.0
     batches: int = 0
     scalars: int = 0
-    last_seq: dict[int, int] = field(default_factory=dict)
+    seqs: dict[int, SeqWindow] = field(default_factory=dict)
+    """Per incarnation, the batches accepted (duplicates are refused; acknowledgements carry the
+    watermark)."""
     ledger_dropped: dict[str, int] = field(default_factory=dict)
     emitted: int = 0
     steps_per_second: float = math.nan
     lag_seconds: float = 0.0
     _rate_anchor: tuple[int, float] | None = None
+
+    def window(self, incarnation: int) -> SeqWindow:
+        """The batch window of one incarnation (created empty; at most 64 kept per rank)."""
+        window = self.seqs.get(incarnation)
+        if window is None:
+            if len(self.seqs) >= 64:
+                del self.seqs[next(iter(self.seqs))]
+            window = self.seqs[incarnation] = SeqWindow()
+        return window
+
+    def acknowledged(self, incarnation: int) -> int:
+        """The seq an ACK to this incarnation carries: every batch up to it is held."""
+        window = self.seqs.get(incarnation)
+        return window.watermark if window is not None else 0
 
     @property
     def closed(self) -> bool:
@@ -54,16 +109,17 @@ class RankInfo:
         """An incarnation said goodbye."""
         self.identities.pop(incarnation, None)
 
-    def observe_steps(self, steps: list[int], times: list[float]) -> None:
+    def observe_steps(self, steps: Sequence[int], times: Sequence[float]) -> None:
         """Update the last step and the step rate from a block's steps and their log times.
 
         The rate is measured over at least ``RATE_WINDOW_SECONDS`` of the rank's own clock, so
         two records logged microseconds apart (a span, then the step's metrics) never read as a
         burst of thousands of steps per second."""
-        if not steps:
+        if not len(steps):
             return
-        self.last_step = max(self.last_step, max(steps))
-        step, when = max(steps), times[-1]
+        step = int(steps.max()) if hasattr(steps, "max") else max(steps)
+        when = float(times[-1])
+        self.last_step = max(self.last_step, step)
         anchor = self._rate_anchor
         if anchor is None or step < anchor[0]:
             self._rate_anchor = (step, when)

@@ -26,7 +26,9 @@ from typing import Any
 import zmq
 
 from collector import kernels
-from collector.eventlog import EventLog
+from collector.eventlog import FILE_NAME as EVENT_LOG_NAME
+from collector.eventlog import EventLog, ReadResult, read_records
+from collector.security import CurveGuard
 from collector.snapshot import Alert, CollectorSnapshot, StopSnapshot
 from collector.state import CollectorState, Reply, StateConfig
 from exporters.atomic import atomic_write_text
@@ -34,6 +36,7 @@ from exporters.prometheus import MetricsServer
 from exporters.reports import write_final_reports
 from rlmon import wire
 from rlmon.errors import ConfigError, FrameRejected
+from rlmon.keys import check_libzmq
 from rlmon.processes import process_alive
 from rlmon.wire import Kind
 
@@ -64,6 +67,8 @@ class ServiceConfig:
     metrics_tls: dict[str, str] = field(default_factory=dict)
     """``certfile``/``keyfile`` (HTTPS) and ``client_cafile`` (require client certificates)."""
     max_rank_labels: int = 64
+    curve_dir: Path | None = None
+    """CURVE keys (``rlmon keys``): serve only clients whose public key is in ``curve_dir/clients``."""
     """Per-rank series on /metrics up to this many ranks (aggregates and worst-k past it)."""
     sinks: tuple[str, ...] = ()
     """Exporters run as a child process tailing the event log: ``tensorboard``, ``wandb``."""
@@ -98,6 +103,9 @@ class CollectorService:
         self.metrics_url = ""
         self._renderer = StepRenderer(self)
         self._sink_process: subprocess.Popen | None = None
+        self._replaying = False
+        self.replayed_records = 0
+        self._guard: CurveGuard | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -107,6 +115,7 @@ class CollectorService:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._claim_directory()
         kernels.warm_up()  # compile or load the Numba cache before declaring readiness
+        self.replayed_records = self._replay_log()
         self._event_log = EventLog(self.out_dir)
         self._alerts_file = open(self.out_dir / "alerts.jsonl", "a", buffering=1, encoding="utf-8")
         self._bind()
@@ -175,15 +184,32 @@ class CollectorService:
         handled = 0
         acks: dict[bytes, tuple[int, int]] = {}
         replies: list[Reply] = []
-        if self._socket.poll(timeout_ms, zmq.POLLIN):
+        if self._log_failing():  # take nothing new until the disk takes what is pending
+            self._stop_requested.wait(timeout_ms / 1000)
+        elif self._socket.poll(timeout_ms, zmq.POLLIN):
             handled = self._receive(acks, replies)
-        if self._event_log is not None:
-            self._event_log.commit()
+        durable = self._commit_log()
         now = time.time()
-        replies.extend(self.state.ack(identity, rank, inc) for identity, (rank, inc) in acks.items())
+        if durable:  # never acknowledge what a failed write or fsync may have lost
+            replies.extend(self.state.ack(identity, rank, inc) for identity, (rank, inc) in acks.items())
         replies.extend(self.state.resends(now))
         self._send(replies)
         return handled
+
+    def _log_failing(self) -> bool:
+        return self._event_log is not None and bool(self._event_log.failing)
+
+    def _commit_log(self) -> bool:
+        """Group commit; on a write/fsync failure raise EVENT_LOG_FAILED (once) and keep the
+        batches unacknowledged (the ranks hold and re-send them); clear it when a commit works."""
+        if self._event_log is None:
+            return True
+        durable = self._event_log.commit()
+        self.state.system_condition(
+            "EVENT_LOG_FAILED", "event log", not durable,
+            f"EVENT_LOG_FAILED: cannot write the event log ({self._event_log.failing}); "
+            "acknowledgements stop until it can", time.time())
+        return durable
 
     def finalize(self) -> list[Path]:
         """Drain what is queued, complete pending steps, write the reports, release everything."""
@@ -206,6 +232,9 @@ class CollectorService:
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -214,7 +243,10 @@ class CollectorService:
             self._context = None
         for resource in (self._event_log, self._alerts_file, self._lock_file):
             if resource is not None:
-                resource.close()
+                try:
+                    resource.close()
+                except OSError as exc:  # a full disk: what was never written was never acknowledged
+                    log.error("closing %s: %s", getattr(resource, "name", resource), exc)
         self._event_log = self._alerts_file = self._lock_file = None
 
     @property
@@ -234,9 +266,39 @@ class CollectorService:
             self._lock_file = None
             raise ConfigError("--out", f"another collector is using {self.out_dir}") from None
 
+    def _replay_log(self) -> int:
+        """A restart on a run directory: rebuild the state from its event log (batches held,
+        aggregates, rank table, stop state), so re-sent batches are recognised and the run goes
+        on where it was. A torn tail is skipped (and cut when the log reopens). Returns the
+        records replayed."""
+        path = self.out_dir / EVENT_LOG_NAME
+        if not path.exists() or path.stat().st_size == 0:
+            return 0
+        results: list[ReadResult] = []
+        self._replaying = True
+        try:
+            for payload in read_records(path, results):
+                try:
+                    message = wire.decode(payload)
+                except FrameRejected as exc:
+                    self.state.reject(exc.reason)
+                    continue
+                self.state.handle(message, None, message_time(message))
+        finally:
+            self._replaying = False
+        count = results[0].records if results else 0
+        log.warning("restarted on %s: replayed %d records of its event log%s", self.out_dir, count,
+                    f" (skipped a torn tail of {results[0].skipped_bytes} bytes)"
+                    if results and results[0].skipped_bytes else "")
+        return count
+
     def _bind(self) -> None:
+        check_libzmq()
         self._context = zmq.Context(io_threads=1)
         sock = self._context.socket(zmq.ROUTER)
+        if self.config.curve_dir is not None:
+            self._guard = CurveGuard(self._context, self.config.curve_dir)
+            self._guard.secure(sock)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -276,6 +338,9 @@ class CollectorService:
                             Kind.RESULT):
             self.state.reject("unexpected_kind")
             return
+        if self.state.is_duplicate(message):  # a re-sent batch already logged: only re-acknowledge
+            acks[identity] = (message.rank, message.inc)
+            return
         if message.kind in (Kind.BATCH, Kind.HELLO, Kind.BYE) and self._event_log is not None:
             self._event_log.append(frame)
         try:
@@ -295,6 +360,10 @@ class CollectorService:
                 pass
 
     def _publish_snapshot(self, now: float) -> None:
+        if self._guard is not None:  # handshakes refused by CURVE/ZAP, counted like bad frames
+            refused = self._guard.refusals()
+            if refused:
+                self.state.rejected_by_reason["auth"] = refused
         self._snapshot = self._with_service_extra(self.state.snapshot(now))
 
     def _with_service_extra(self, snapshot: CollectorSnapshot) -> CollectorSnapshot:
@@ -304,11 +373,18 @@ class CollectorService:
         return dataclasses.replace(snapshot, extra=MappingProxyType(extra))
 
     def _record_alert(self, alert: Alert) -> None:
+        if self._replaying:  # already in alerts.jsonl from before the restart
+            return
         if self._alerts_file is not None:
-            self._alerts_file.write(json.dumps(_alert_json(alert)) + "\n")
+            try:
+                self._alerts_file.write(json.dumps(_alert_json(alert)) + "\n")
+            except OSError as exc:  # a full disk: the alert still reaches /metrics and the log
+                log.error("cannot append to alerts.jsonl: %s", exc)
         log.warning("alert at step %d: %s %s", alert.step, alert.severity, alert.message)
 
     def _record_stop(self, state: StopSnapshot) -> None:
+        if self._replaying:
+            return
         if self._event_log is not None:
             self._event_log.append(self.state.stop_record(state))
         log.warning("stop decided (generation %d): every rank stops at step %d: %s",
@@ -327,6 +403,8 @@ class CollectorService:
         info = {"endpoint": self.endpoint, "metrics_url": self.metrics_url, "pid": os.getpid(),
                 "run_id": self.config.state.run_id, "out_dir": str(self.out_dir.resolve()),
                 "control_key_file": str(key_path.resolve()), "started_at": self.state.started_at}
+        if self.config.curve_dir is not None:
+            info["curve_server_key"] = str((Path(self.config.curve_dir) / "server.key").resolve())
         atomic_write_text(self.out_dir / "collector.json", json.dumps(info, indent=2) + "\n")
 
 
@@ -395,6 +473,13 @@ class StepRenderer:
                 os._exit(code)
         self.child = pid
         self.rendered.append(step)
+
+
+def message_time(message: wire.Message) -> float:
+    """The sender's clock in a message (``t``), else now: the time a replayed record is
+    handled at."""
+    value = message.fields.get("t")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else time.time()
 
 
 def new_control_key() -> str:

@@ -22,6 +22,7 @@ from collector.detectors import (RankWatch, SampleComparator, StreamDetector,
                                  default_stream_detectors, rank_scores)
 from collector.rules import DEFAULT_RULES, Finding, Rule, RuleEngine, Score, kl_rule
 from collector.ranks import RankTable
+from collector.reward_stats import RewardStats
 from collector.snapshot import (Alert, CollectorSnapshot, MetricSnapshot, SampleRecord,
                                 StopSnapshot)
 from collector.stop import MarginPolicy, StopCoordinator
@@ -99,8 +100,12 @@ class CollectorState:
         self.alerts: collections.deque[Alert] = collections.deque(maxlen=MAX_ALERTS)
         self.alert_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.samples: collections.deque[SampleRecord] = collections.deque(maxlen=MAX_RECENT_SAMPLES)
-        self.last_aggregate: dict[str, tuple[int, float, float, float]] = {}
+        self.reward_stats = RewardStats()
+        self._last_step = np.zeros(config.max_series, dtype=np.int64)
+        self._last_seen = np.zeros(config.max_series, dtype=bool)
+        self._last_values = np.full((config.max_series, 3), math.nan)
         self._series_ids: dict[tuple[int, tuple[str, ...]], np.ndarray] = {}
+        self._aggregate_ids: dict[str, int] = {}
         self._on_alert = on_alert
         self._on_stop = on_stop
 
@@ -140,16 +145,21 @@ class CollectorState:
     def _on_batch(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)
         fields = message.fields
-        if fields["seq"] <= info.last_seq.get(message.inc, 0):
+        window = info.window(message.inc)
+        floor = fields.get("floor")
+        if isinstance(floor, int) and not isinstance(floor, bool):
+            window.give_up_below(floor)
+        if window.seen(fields["seq"]):
             self.rejected_by_reason["duplicate"] += 1
             return []
-        info.last_seq[message.inc] = fields["seq"]
+        window.accept(fields["seq"])
         info.batches += 1
         self._read_ledger(info, fields.get("ledger"))
         for block in fields["blocks"]:
             self._ingest_block(message.rank, block, info)
         info.last_step = max(info.last_step, fields["step"])
         self._ingest_samples(message.rank, fields.get("samples", ()), now)
+        self.reward_stats.observe(fields.get("rv"), self.flagged_by_reason)
         self._complete_steps(now)
         return []
 
@@ -165,7 +175,7 @@ class CollectorState:
         info.disconnect(message.inc)
         if identity is None:
             return []
-        seq = info.last_seq.get(message.inc, 0)
+        seq = info.acknowledged(message.inc)
         return [Reply(identity, self._reply(Kind.ACK, seq=seq, bye=True))]
 
     def _on_stop_ack(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
@@ -215,6 +225,31 @@ class CollectorState:
         fields = message.fields
         result = answer(self, fields["q"], fields.get("args"))
         return [Reply(identity, self._reply(Kind.RESULT, id=fields["id"], result=result))]
+
+    def is_duplicate(self, message: Message) -> bool:
+        """True for a BATCH this collector already holds (the receive loop neither logs nor
+        handles it again; it is counted as ``duplicate`` and acknowledged)."""
+        if message.kind is not Kind.BATCH or not 0 <= message.rank < MAX_RANKS:
+            return False
+        info = self.ranks.ranks.get(message.rank)
+        window = info.seqs.get(message.inc) if info is not None else None
+        if window is None or not window.seen(message.fields["seq"]):
+            return False
+        self.rejected_by_reason["duplicate"] += 1
+        return True
+
+    def system_condition(self, alert_type: str, subject: str, holding: bool, message: str,
+                         now: float) -> None:
+        """A condition of the collector itself (its event log failing): a CRITICAL alert when it
+        starts, firing while it holds, cleared when it ends."""
+        key = ("system", subject)
+        if holding and key not in self.rules.firing:
+            self.rules.firing[key] = (alert_type, "CRITICAL")
+            alert = Alert(self.ranks.furthest_step(), "CRITICAL", alert_type, subject, 1.0, 0.0,
+                          message, now)
+            self._act_on([Finding(alert)], now)
+        elif not holding:
+            self.rules.firing.pop(key, None)
 
     def answer(self, question: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """The answer to a QUERY, computed here (tests and offline tools call this directly)."""
@@ -305,7 +340,10 @@ class CollectorState:
             info.emitted = emitted
 
     def _ingest_block(self, rank: int, block: wire.Block, info) -> None:
-        matrix, valid = _numeric_matrix(block.values, len(block.keys))
+        if block.packed:
+            matrix, valid = block.values, None
+        else:
+            matrix, valid = _numeric_matrix(block.values, len(block.keys))
         wrong = int(valid.size - valid.sum()) if valid is not None else 0
         if wrong:
             self.flagged_by_reason["wrong_type"] += wrong
@@ -318,7 +356,7 @@ class CollectorState:
         ids = self._ids_for(rank, block.keys)
         if ids is None:
             return
-        steps = np.asarray(block.steps, dtype=np.int64)
+        steps = block.steps
         if valid is None:
             self.store.append_block(ids, steps, matrix)
         else:
@@ -327,7 +365,7 @@ class CollectorState:
                                   if valid is not None else matrix)
         info.scalars += matrix.size - wrong
         info.observe_steps(block.steps, block.times)
-        info.observe_lag(block.times[-1] if block.times else info.last_seen, info.last_seen)
+        info.observe_lag(float(block.times[-1]) if len(block.times) else info.last_seen, info.last_seen)
 
     def _count_non_finite(self, matrix: np.ndarray, finite: np.ndarray, valid) -> None:
         nan = np.isnan(matrix) if valid is None else np.isnan(matrix) & valid
@@ -339,7 +377,7 @@ class CollectorState:
         now = self.ranks.get(rank).last_seen
         for column in np.flatnonzero(~finite.all(axis=0)):
             row = int(np.flatnonzero(~finite[:, column])[0])
-            score = Score("nan", "NAN_VALUE", block.keys[column], block.steps[row], 1.0,
+            score = Score("nan", "NAN_VALUE", block.keys[column], int(block.steps[row]), 1.0,
                           "non-finite values", rank)
             self._act_on([self.rules.evaluate(score, now)], now)
 
@@ -347,7 +385,7 @@ class CollectorState:
         """A finite value again clears a firing NAN_VALUE for that metric."""
         for key in block.keys:
             if ("nan", key) in self.rules.firing:
-                self.rules.evaluate(Score("nan", "NAN_VALUE", key, block.steps[-1], 0.0), 0.0)
+                self.rules.evaluate(Score("nan", "NAN_VALUE", key, int(block.steps[-1]), 0.0), 0.0)
 
     def _append_valid(self, ids: np.ndarray, steps: np.ndarray, matrix: np.ndarray,
                       valid: np.ndarray) -> None:
@@ -386,25 +424,23 @@ class CollectorState:
         self._apply_aggregates(self.aggregator.flush_arrays(), now)
 
     def _apply_aggregates(self, done: CompletedSteps, now: float) -> None:
-        """Store completed cross-rank steps, then let the detectors score them in step order."""
-        watched: list[np.ndarray] = []
-        slack = 0
-        for metric, rows in done.runs():
-            self._store_aggregates(metric, done, rows)
-            slack = max(slack, rows.stop - rows.start)
-            if self._detectors_watching(metric):
-                watched.append(np.arange(rows.start, rows.stop))
-        if not watched:
+        """Store completed cross-rank steps, then let the detectors score each metric's block;
+        alerts are acted on in step order."""
+        runs = list(done.runs())
+        if not runs:
             return
-        rows = np.concatenate(watched)
-        rows = rows[np.argsort(done.step[rows], kind="stable")]
-        for metric_id, step, mean in zip(done.metric[rows].tolist(), done.step[rows].tolist(),
-                                         done.mean[rows].tolist()):
-            metric = done.names[metric_id]
-            history = self._history_upto(step, slack)
-            for detector in self._detectors_watching(metric):
-                scores = detector.observe(metric, step, mean, history)
-                self._act_on([self.rules.evaluate(score, now) for score in scores], now)
+        self._store_aggregates(done, runs)
+        findings: list[Finding] = []
+        for metric, rows in runs:
+            detectors = self._detectors_watching(metric)
+            if not detectors:
+                continue
+            steps, means = done.step[rows], done.mean[rows]
+            for detector in detectors:
+                for series in detector.score(metric, steps, means, self._aggregate_tail):
+                    findings += self.rules.evaluate_series(series, now)
+        findings.sort(key=lambda finding: finding.alert.step)
+        self._act_on(findings, now)
 
     def _detectors_watching(self, metric: str) -> list[StreamDetector]:
         detectors = self._detectors_for.get(metric)
@@ -412,15 +448,14 @@ class CollectorState:
             detectors = self._detectors_for[metric] = [d for d in self.detectors if d.watches(metric)]
         return detectors
 
-    def _history_upto(self, step: int, slack: int):
-        """``history(metric, n)``: the last n cross-rank means at or before ``step``."""
-        def history(metric: str, n: int) -> np.ndarray:
+    def _aggregate_tail(self, metric: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The last ``n`` stored cross-rank means of ``metric`` as ``(steps, values)``."""
+        series = self._aggregate_ids.get(metric)
+        if series is None:
             series = self.store.find(metric, AGGREGATE_RANK)
-            if series is None:
-                return np.empty(0)
-            steps, values = self.store.history(series, n + slack)
-            return values[steps <= step][-n:]
-        return history
+        if series is None:
+            return np.empty(0, np.int64), np.empty(0)
+        return self.store.history(series, n)
 
     def tick(self, now: float) -> None:
         """Score the rank table (silent, stuck, straggling ranks; dropped events)."""
@@ -438,17 +473,54 @@ class CollectorState:
                 totals[rank] += float(finite.mean()) if finite.size else 0.0
         return totals
 
-    def _store_aggregates(self, metric: str, done: CompletedSteps, rows: slice) -> None:
-        try:
-            series = self.store.series_id(metric, AGGREGATE_RANK)
-        except SeriesLimitError:
-            self.rejected_by_reason["series_limit"] += 1
+    def _store_aggregates(self, done: CompletedSteps, runs: list[tuple[str, slice]]) -> None:
+        """Append each metric's completed means to its cross-rank series: one store call when
+        every metric completed the same steps (the usual case), else one per metric."""
+        ids = [self._aggregate_id(metric) for metric, _ in runs]
+        first = runs[0][1]
+        width = first.stop - first.start
+        if all(rows.stop - rows.start == width for _, rows in runs) and None not in ids:
+            steps = done.step.reshape(len(runs), width)
+            if len(runs) == 1 or (steps == steps[0]).all():
+                self.store.append_block(np.array(ids, dtype=np.int64), steps[0],
+                                        done.mean.reshape(len(runs), width).T)
+                self._note_last_aggregates(done, runs, ids)
+                return
+        for (metric, rows), series in zip(runs, ids):
+            if series is not None:
+                self.store.append_block(np.array([series], dtype=np.int64), done.step[rows],
+                                        done.mean[rows].reshape(-1, 1))
+        self._note_last_aggregates(done, runs, ids)
+
+    def _aggregate_id(self, metric: str) -> int | None:
+        series = self._aggregate_ids.get(metric)
+        if series is None:
+            try:
+                series = self._aggregate_ids[metric] = self.store.series_id(metric, AGGREGATE_RANK)
+            except SeriesLimitError:
+                self.rejected_by_reason["series_limit"] += 1
+        return series
+
+    def _note_last_aggregates(self, done: CompletedSteps, runs: list[tuple[str, slice]],
+                              ids: list[int | None]) -> None:
+        """Remember each metric's newest completed step, mean, min and max (by series id)."""
+        known = [(series, rows.stop - 1) for (_, rows), series in zip(runs, ids) if series is not None]
+        if not known:
             return
-        self.store.append_block(np.array([series], dtype=np.int64), done.step[rows],
-                                done.mean[rows].reshape(-1, 1))
-        last = rows.stop - 1
-        self.last_aggregate[metric] = (int(done.step[last]), float(done.mean[last]),
-                                       float(done.min[last]), float(done.max[last]))
+        series, lasts = np.array(known, dtype=np.int64).T
+        self._last_step[series] = done.step[lasts]
+        self._last_seen[series] = True
+        for column, source in enumerate((done.mean, done.min, done.max)):
+            self._last_values[series, column] = source[lasts]
+
+    def last_aggregate(self, metric: str) -> tuple[int, float, float, float]:
+        """``(step, mean, min, max)`` of the newest completed step of ``metric``
+        (``(-1, nan, nan, nan)`` before the first)."""
+        series = self._aggregate_ids.get(metric)
+        if series is None or not self._last_seen[series]:
+            return -1, math.nan, math.nan, math.nan
+        mean, low, high = self._last_values[series].tolist()
+        return int(self._last_step[series]), mean, low, high
 
     def _act_on(self, findings: list[Finding | None], now: float) -> None:
         for finding in findings:
@@ -481,7 +553,7 @@ class CollectorState:
 
     def ack(self, identity: bytes, rank: int, inc: int) -> Reply:
         """Acknowledge everything durably logged from ``(rank, inc)``."""
-        seq = self.ranks.get(rank).last_seq.get(inc, 0)
+        seq = self.ranks.get(rank).acknowledged(inc)
         return Reply(identity, self._reply(Kind.ACK, seq=seq))
 
     def snapshot(self, now: float, *, with_history: bool = False, finished: bool = False,
@@ -504,7 +576,7 @@ class CollectorState:
             finished=finished, firing=tuple(sorted(
                 (kind, subject, severity)
                 for (_, subject), (kind, severity) in self.rules.firing.items())),
-            extra=MappingProxyType({"sample_comparisons": {
+            extra=MappingProxyType({"rewards": self.reward_stats.summary(), "sample_comparisons": {
                 **self.comparator.get_comparison_summary(),
                 "similarities": self.comparator.similarity_series().tolist() if with_history else [],
                 "threshold": self.comparator.degradation_threshold}}))
@@ -530,7 +602,7 @@ class CollectorState:
                        for rank in last_by_rank}
         else:
             steps, values = np.empty(0, np.int64), np.empty(0, np.float64)
-        step, mean, low, high = self.last_aggregate.get(name, (-1, math.nan, math.nan, math.nan))
+        step, mean, low, high = self.last_aggregate(name)
         return MetricSnapshot(name, MappingProxyType(last_by_rank),
                               MappingProxyType(last_step_by_rank),
                               MappingProxyType({"mean": mean, "min": low, "max": high}), step,

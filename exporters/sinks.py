@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from collector.eventlog import FILE_NAME as EVENT_LOG_NAME
 from collector.eventlog import MAGIC
+from collector.ranks import SeqWindow
 from rlmon import wire
 from rlmon.errors import ConfigError, FrameRejected, RlmonError
 from rlmon.processes import process_alive
@@ -273,7 +274,7 @@ class StepAssembler:
         self._rank_step: dict[int, int] = {}  # furthest step each rank logged
         self._live: dict[int, set[int]] = defaultdict(set)  # rank -> incarnations not yet gone
         self._gone: set[tuple[int, int]] = set()  # (rank, incarnation) that said BYE
-        self._last_seq: dict[tuple[int, int], int] = {}
+        self._seqs: dict[tuple[int, int], SeqWindow] = {}
         self._stops: list[StopEvent] = []
 
     def feed(self, message: Message) -> None:
@@ -319,10 +320,11 @@ class StepAssembler:
     def _on_batch(self, message: Message) -> None:
         identity = (message.rank, message.inc)
         seq = message.fields["seq"]
-        if seq <= self._last_seq.get(identity, 0):
+        window = self._seqs.setdefault(identity, SeqWindow())
+        if window.seen(seq):  # logs written before duplicates were kept out of the log
             self.duplicates += 1
             return
-        self._last_seq[identity] = seq
+        window.accept(seq)
         if identity not in self._gone:
             self._live[message.rank].add(message.inc)
         self.world_size = max(self.world_size, message.rank + 1)
@@ -330,7 +332,8 @@ class StepAssembler:
             self._add_block(message.rank, block)
 
     def _add_block(self, rank: int, block: wire.Block) -> None:
-        for step, when, row in zip(block.steps, block.times, block.values):
+        rows = block.values.tolist() if block.packed else block.values
+        for step, when, row in zip(block.steps.tolist(), block.times.tolist(), rows):
             self._rank_step[rank] = max(self._rank_step.get(rank, step), step)
             self._newest = max(self._newest, step)
             if step <= self._released_to:

@@ -59,6 +59,12 @@ class RankConfig:
     """Seconds between heartbeats when nothing else was sent."""
     close_timeout: float = 0.5
     """Seconds ``close()`` waits for the collector to acknowledge the last batch."""
+    resend_batches: int = 4096
+    """Unacknowledged batches a rank holds for re-sending (the oldest is dropped, counted, past it)."""
+    resend_bytes: int = 64 * 1024 * 1024
+    """Bytes of unacknowledged batches a rank holds for re-sending."""
+    resend_after: float = 2.0
+    """Seconds without an acknowledgement before the held batches are sent again."""
     stop_sync_every: int = 0
     """If > 0, agree on stops through a torch.distributed MAX all-reduce every K steps."""
 

@@ -27,12 +27,15 @@ import zmq
 
 from rlmon import wire
 from rlmon.config import RankConfig
+from rlmon.keys import client_keys_from_env
 from rlmon.wire import Kind
 
 log = logging.getLogger("rlmon")
 
 #: Most steps encoded into one batch frame; more pending steps go into further batches.
 MAX_STEPS_PER_BATCH = 512
+#: Reward values (summed over ``rv`` entries) put into one batch frame: about 1 MB of msgpack.
+MAX_REWARD_VALUES_PER_BATCH = 131_072
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,26 +49,114 @@ class StopOffer:
     source: str
 
 
+#: Drop reasons counted when ``log`` is called (the step never entered the queue).
+CALL_DROPS = ("queue_full", "closed", "bad_value")
+#: Drop reasons that count samples or reward values, not ``log`` calls.
+NON_STEP_DROPS = ("bad_sample",)
+
+
 @dataclass(slots=True)
 class Ledger:
-    """What happened to the steps this rank logged. Counts only ever grow.
+    """What happened to the steps this rank logged. Counts only ever grow, except ``unacked``.
 
-    ``emitted`` counts ``log`` calls that were queued; ``dropped`` counts calls and steps lost, by
-    reason (``queue_full``, ``send_full``: ZeroMQ's high-water mark, ``bad_value``: the metrics
-    could not be read, ``closed``: logged after ``close``)."""
+    ``emitted`` counts every ``log`` call. Each one is, at any moment, exactly one of:
+    acknowledged (``acked``: the collector holds it durably), dropped and counted by reason
+    (``queue_full``, ``closed``, ``bad_value``: at the call; ``unreadable``: a tensor copy failed;
+    ``resend_overflow``: its batch was pushed out of the bounded re-send buffer), unacknowledged
+    (``unacked``: sent or waiting to be sent, held for re-sending), or still queued. ``rlmon
+    verify`` checks that balance against the event log. ``bad_sample`` counts samples and reward
+    values that could not be read (not steps)."""
 
     emitted: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     batches_sent: int = 0
     acked_seq: int = 0
+    acked: int = 0
+    taken: int = 0
+    """Steps the sender took off the queue (acknowledged, dropped by the sender, or unacked)."""
+    unacked: int = 0
 
     def drop(self, reason: str, count: int = 1) -> None:
-        """Count ``count`` lost steps under ``reason``."""
+        """Count ``count`` lost steps (or samples, for ``bad_sample``) under ``reason``."""
         self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    def queued(self) -> int:
+        """Steps logged and not yet taken by the sender."""
+        call_drops = sum(self.dropped.get(reason, 0) for reason in CALL_DROPS)
+        return max(0, self.emitted - call_drops - self.taken)
 
     def as_wire(self) -> dict[str, Any]:
         """The ledger as sent in batches, heartbeats and BYE."""
-        return {"emitted": self.emitted, "dropped": dict(self.dropped), "sent": self.batches_sent}
+        return {"emitted": self.emitted, "dropped": dict(self.dropped), "sent": self.batches_sent,
+                "acked": self.acked, "acked_seq": self.acked_seq, "unacked": self.unacked,
+                "queued": self.queued()}
+
+
+@dataclass(slots=True)
+class SentBatch:
+    """A batch held until the collector acknowledges it: its frame, its steps, when it was last
+    handed to ZeroMQ (``None`` while ZeroMQ refused it)."""
+
+    frame: bytes
+    steps: int
+    sent_at: float | None
+
+
+class ResendBuffer:
+    """Batches sent and not yet acknowledged, oldest first, bounded by ``max_batches`` and
+    ``max_bytes``: a full buffer pushes its oldest batch out (counted as ``resend_overflow``).
+
+    The collector acknowledges the highest ``seq`` up to which it holds every batch; after a
+    collector restart (or a batch lost in flight) the unacknowledged ones are sent again, in
+    order, with their original ``seq``, and the collector drops the ones it already holds."""
+
+    def __init__(self, ledger: Ledger, max_batches: int, max_bytes: int, resend_after: float) -> None:
+        self.ledger = ledger
+        self.max_batches, self.max_bytes, self.resend_after = max_batches, max_bytes, resend_after
+        self.batches: collections.OrderedDict[int, SentBatch] = collections.OrderedDict()
+        self.bytes = 0
+        self._last_resend = 0.0
+
+    def floor(self, next_seq: int) -> int:
+        """The lowest ``seq`` still held (``next_seq`` when none): every batch below it is
+        acknowledged or given up, so the collector need not wait for it."""
+        return next(iter(self.batches), next_seq)
+
+    def add(self, seq: int, frame: bytes, steps: int) -> None:
+        """Hold a new batch (not yet sent); push out the oldest while over the bounds."""
+        self.batches[seq] = SentBatch(frame, steps, None)
+        self.bytes += len(frame)
+        self.ledger.unacked += steps
+        while len(self.batches) > 1 and (len(self.batches) > self.max_batches
+                                          or self.bytes > self.max_bytes):
+            _, oldest = self.batches.popitem(last=False)
+            self._forget(oldest)
+            self.ledger.drop("resend_overflow", oldest.steps)
+
+    def acknowledge(self, seq: int) -> None:
+        """The collector durably holds every batch up to ``seq``."""
+        while self.batches and next(iter(self.batches)) <= seq:
+            _, batch = self.batches.popitem(last=False)
+            self._forget(batch)
+            self.ledger.acked += batch.steps
+
+    def due(self, now: float) -> list[SentBatch]:
+        """Batches to hand to ZeroMQ now, in order: the ones it refused before, or all of them
+        when the oldest waited ``resend_after`` seconds for an acknowledgement."""
+        unsent = [b for b in self.batches.values() if b.sent_at is None]
+        if unsent:
+            return unsent
+        oldest = next(iter(self.batches.values()), None)
+        if oldest is None or now - oldest.sent_at < self.resend_after:
+            return []
+        if now - self._last_resend < self.resend_after:
+            return []
+        self._last_resend = now
+        return list(self.batches.values())
+
+    def _forget(self, batch: SentBatch) -> None:
+        self.bytes -= len(batch.frame)
+        self.ledger.unacked -= batch.steps
 
 
 class Publisher:
@@ -78,10 +169,15 @@ class Publisher:
         self.incarnation = random.getrandbits(31)
         self.pending: collections.deque = collections.deque()
         self.samples: collections.deque = collections.deque()
+        self.reward_values: collections.deque = collections.deque()
+        """``[step, name, values]`` entries (the BATCH field ``rv``) from wrapped reward functions."""
         self.outbox: collections.deque = collections.deque()
         self.queries: collections.deque = collections.deque()
         """QUERY messages, sent after the pending steps so a query sees what was logged before it."""
+        self.curve = client_keys_from_env(os.environ)  # ConfigError here, at init, if misconfigured
         self.ledger = Ledger()
+        self.resend = ResendBuffer(self.ledger, config.resend_batches, config.resend_bytes,
+                                   config.resend_after)
         self.stop_offer: StopOffer | None = None
         self.checkpoint_offer: StopOffer | None = None
         self.current_step = -1
@@ -152,6 +248,8 @@ class Publisher:
         sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.IMMEDIATE, 0)
+        if self.curve is not None:
+            self.curve.apply(sock)
 
     def _loop(self, sock: zmq.Socket) -> None:
         interval_ms = max(1, int(self.config.flush_interval * 1000))
@@ -164,33 +262,58 @@ class Publisher:
         """Send control messages, samples and pending steps; a heartbeat when idle."""
         while self.outbox:
             self._send(sock, self.outbox.popleft())
+        self._send_held(sock)
         records = _take(self.pending, MAX_STEPS_PER_BATCH)
         samples = _take(self.samples, 64)
-        while records or samples:
-            self._send_batch(sock, records, samples)
+        rewards = _take_reward_values(self.reward_values, MAX_REWARD_VALUES_PER_BATCH)
+        while records or samples or rewards:
+            self._send_batch(sock, records, samples, rewards)
             records = _take(self.pending, MAX_STEPS_PER_BATCH)
             samples = []
+            rewards = _take_reward_values(self.reward_values, MAX_REWARD_VALUES_PER_BATCH)
         while self.queries:
             self._send(sock, self.queries.popleft())
         if time.monotonic() - self._last_send >= self.config.heartbeat_interval:
             self._send(sock, self._message(Kind.HEARTBEAT, step=self.current_step, t=time.time(),
                                            ledger=self.ledger.as_wire()))
 
-    def _send_batch(self, sock: zmq.Socket, records: list, samples: list) -> None:
+    def _send_batch(self, sock: zmq.Socket, records: list, samples: list,
+                    rewards: list | None = None) -> None:
+        """Encode one batch, hold it for re-sending, and hand it to ZeroMQ (unless batches it
+        refused earlier are still waiting: order is kept)."""
+        self.ledger.taken += len(records)
         blocks, bad = encode_blocks(records)
         if bad:
-            self.ledger.drop("bad_value", bad)
+            self.ledger.drop("unreadable", bad)
         self._seq += 1
+        steps = len(records) - bad
+        self.ledger.unacked += steps  # counted before the ledger is written into the batch
         message = self._message(Kind.BATCH, seq=self._seq, t=time.time(), step=self.current_step,
-                                blocks=blocks, samples=samples, ledger=self.ledger.as_wire())
-        if self._send(sock, message):
-            self.ledger.batches_sent += 1
-        else:
-            self.ledger.drop("send_full", len(records))
+                                blocks=blocks, samples=samples, ledger=self.ledger.as_wire(),
+                                floor=self.resend.floor(self._seq))
+        self.ledger.unacked -= steps
+        if rewards:
+            message["rv"] = rewards
+        self.resend.add(self._seq, wire.encode(message), steps)
+        self._send_held(sock)
+
+    def _send_held(self, sock: zmq.Socket) -> None:
+        """Hand ZeroMQ the held batches that are due (see :meth:`ResendBuffer.due`), in order,
+        stopping at the first one it refuses (its queue is full: the collector is slow or gone)."""
+        now = time.monotonic()
+        for batch in self.resend.due(now):
+            if not self._send_frame(sock, batch.frame):
+                return
+            if batch.sent_at is None:
+                self.ledger.batches_sent += 1
+            batch.sent_at = now
 
     def _send(self, sock: zmq.Socket, message: dict[str, Any]) -> bool:
+        return self._send_frame(sock, wire.encode(message))
+
+    def _send_frame(self, sock: zmq.Socket, frame: bytes) -> bool:
         try:
-            sock.send(wire.encode(message), zmq.NOBLOCK)
+            sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             return False
         self._last_send = time.monotonic()
@@ -211,6 +334,7 @@ class Publisher:
         fields = message.fields
         if message.kind is Kind.ACK:
             self.ledger.acked_seq = max(self.ledger.acked_seq, fields["seq"])
+            self.resend.acknowledge(fields["seq"])
             if fields.get("bye"):
                 self._bye_acked.set()
         elif message.kind is Kind.STOP_STATE:
@@ -271,8 +395,21 @@ def _take(queue: collections.deque, limit: int) -> list:
     return items
 
 
+def _take_reward_values(queue: collections.deque, max_values: int) -> list:
+    """Pop ``rv`` entries from the left of ``queue`` until they hold ``max_values`` values (at
+    least one entry when any is queued)."""
+    entries: list = []
+    total = 0
+    while queue and (not entries or total + len(queue[0][2]) <= max_values):
+        entry = queue.popleft()
+        entries.append(entry)
+        total += len(entry[2])
+    return entries
+
+
 def encode_blocks(records: list) -> tuple[list[list[Any]], int]:
-    """Group ``(step, time, metrics)`` records into columnar blocks of equal key sets.
+    """Group ``(step, time, metrics)`` records into columnar blocks of equal key sets, packed
+    (:func:`rlmon.wire.pack_block`) when every value is a number.
 
     Returns the wire blocks and how many records had to be dropped because a value could not be
     read (a tensor whose copy failed, a step that is not an integer)."""
@@ -295,7 +432,7 @@ def encode_blocks(records: list) -> tuple[list[list[Any]], int]:
         block[1].append(step)
         block[2].append(when)
         block[3].append(list(metrics.values()))
-    return blocks, bad
+    return [wire.pack_block(*block) for block in blocks], bad
 
 
 def resolve_value(value: Any) -> Any:

@@ -16,8 +16,11 @@ No pickle anywhere.
 
 from __future__ import annotations
 
+import array
 import enum
+import itertools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +35,10 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 MAX_KEYS_PER_BLOCK = 4096
 MAX_STEPS_PER_BLOCK = 65536
 MAX_NAME_LENGTH = 256
+_BIG_ENDIAN = sys.byteorder == "big"
+#: Most ``rv`` entries (reward function calls) in one BATCH, and most values in one entry.
+MAX_REWARD_ENTRIES = 4096
+MAX_REWARD_VALUES = 65536
 
 
 class Kind(enum.IntEnum):
@@ -78,12 +85,36 @@ _REQUIRED_FIELDS: dict[Kind, tuple[tuple[str, type | tuple[type, ...]], ...]] = 
 class Block:
     """Steps that share one key set, columnar: ``values[i][j]`` is ``keys[j]`` at ``steps[i]``.
 
-    ``times`` are the ranks' ``time.time()`` at each ``log`` call (Unix seconds)."""
+    ``times`` are the ranks' ``time.time()`` at each ``log`` call (Unix seconds). ``steps`` and
+    ``times`` are int64 / float64 NumPy arrays. ``values`` is a float64 array of shape
+    ``(len(steps), len(keys))`` for a packed block, and the rows as sent (lists of anything, for
+    the collector to check) for a plain one."""
 
     keys: list[str]
-    steps: list[int]
-    times: list[float]
-    values: list[list[Any]]
+    steps: "np.ndarray"
+    times: "np.ndarray"
+    values: "np.ndarray | list[list[Any]]"
+
+    @property
+    def packed(self) -> bool:
+        """True when the values arrived as one float64 array (every value a number)."""
+        return not isinstance(self.values, list)
+
+
+def pack_block(keys: list[str], steps: list[int], times: list[float],
+               rows: list[list[Any]]) -> list[Any]:
+    """The wire form of one block: packed (``bin`` columns of little-endian int64 steps, float64
+    times and row-major float64 values) when every value is a number, else plain arrays."""
+    try:
+        packed_steps = array.array("q", steps)
+        packed_times = array.array("d", times)
+        packed_values = array.array("d", itertools.chain.from_iterable(rows))
+    except (TypeError, OverflowError, ValueError):
+        return [keys, steps, times, rows]
+    if _BIG_ENDIAN:
+        for column in (packed_steps, packed_times, packed_values):
+            column.byteswap()
+    return [keys, packed_steps.tobytes(), packed_times.tobytes(), packed_values.tobytes()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +159,7 @@ def decode(frame: bytes) -> Message:
     if kind is Kind.BATCH:
         raw["blocks"] = [_block_of(b) for b in raw["blocks"]]
         _check_samples(raw.get("samples", []))
+        _check_reward_values(raw.get("rv", []))
     return Message(kind, raw["run"], raw["rank"], raw["inc"], raw)
 
 
@@ -166,25 +198,52 @@ def _check_fields(raw: dict[str, Any], spec: tuple[tuple[str, Any], ...]) -> Non
 
 
 def _block_of(raw: Any) -> Block:
-    """Validate the shape of one columnar block (values are checked by the collector)."""
+    """Validate the shape of one columnar block (plain values are checked by the collector)."""
     if not isinstance(raw, list) or len(raw) != 4:
         raise FrameRejected("bad_block", "a block is [keys, steps, times, values]")
     keys, steps, times, values = raw
+    if isinstance(values, bytes):
+        return _packed_block_of(keys, steps, times, values)
     if not (isinstance(keys, list) and isinstance(steps, list) and isinstance(times, list)):
         raise FrameRejected("bad_block", "keys, steps and times must be arrays")
     if not isinstance(values, list) or not (len(steps) == len(times) == len(values)):
         raise FrameRejected("bad_block", "steps, times and values differ in length")
-    if len(keys) > MAX_KEYS_PER_BLOCK or len(steps) > MAX_STEPS_PER_BLOCK:
+    _check_keys(keys, len(steps))
+    if not all(_is_int(s) for s in steps) or not all(_is_real(t) for t in times):
+        raise FrameRejected("bad_block", "steps must be ints and times numbers")
+    if not all(isinstance(row, list) and len(row) == len(keys) for row in values):
+        raise FrameRejected("bad_block", "each row needs one value per key")
+    import numpy as np  # the collector's side only: a training node needs no NumPy
+
+    return Block(keys, np.array(steps, dtype=np.int64), np.array(times, dtype=np.float64), values)
+
+
+def _packed_block_of(keys: Any, steps: Any, times: Any, values: bytes) -> Block:
+    """Validate a packed block: ``bin`` steps (int64), times (float64, finite) and values
+    (float64, ``len(steps) × len(keys)``, row-major), all little-endian."""
+    if not (isinstance(keys, list) and isinstance(steps, bytes) and isinstance(times, bytes)):
+        raise FrameRejected("bad_block", "a packed block has keys then bin steps, times, values")
+    n, width = len(steps) // 8, len(keys)
+    if len(steps) % 8 or len(times) != 8 * n or len(values) != 8 * n * width:
+        raise FrameRejected("bad_block", "packed columns differ in length")
+    _check_keys(keys, n)
+    import numpy as np  # the collector's side only: a training node needs no NumPy
+
+    step_array = np.frombuffer(steps, dtype="<i8").astype(np.int64)  # copies: writable arrays
+    time_array = np.frombuffer(times, dtype="<f8").astype(np.float64)
+    if not np.isfinite(time_array).all():
+        raise FrameRejected("bad_block", "steps must be ints and times numbers")
+    value_array = np.frombuffer(values, dtype="<f8").astype(np.float64)
+    return Block(keys, step_array, time_array, value_array.reshape(n, width))
+
+
+def _check_keys(keys: list[Any], n_steps: int) -> None:
+    if len(keys) > MAX_KEYS_PER_BLOCK or n_steps > MAX_STEPS_PER_BLOCK:
         raise FrameRejected("bad_block", "too many keys or steps")
     if not all(isinstance(k, str) and 0 < len(k) <= MAX_NAME_LENGTH for k in keys):
         raise FrameRejected("bad_block", "keys must be non-empty strings")
     if len(set(keys)) != len(keys):
         raise FrameRejected("bad_block", "duplicate keys")
-    if not all(_is_int(s) for s in steps) or not all(_is_real(t) for t in times):
-        raise FrameRejected("bad_block", "steps must be ints and times numbers")
-    if not all(isinstance(row, list) and len(row) == len(keys) for row in values):
-        raise FrameRejected("bad_block", "each row needs one value per key")
-    return Block(keys, steps, times, values)
 
 
 def _check_samples(samples: Any) -> None:
@@ -201,6 +260,23 @@ def _check_samples(samples: Any) -> None:
             raise FrameRejected("bad_block", "prompts and responses must be strings of equal count")
         if rewards is not None and (not isinstance(rewards, list) or len(rewards) != len(prompts)):
             raise FrameRejected("bad_block", "rewards must be nil or one number per sample")
+
+
+def _check_reward_values(entries: Any) -> None:
+    """``rv`` entries are ``[step, name, values]``: the individual values one reward function
+    returned at ``step`` (values are checked by the collector, which counts non-numbers)."""
+    if not isinstance(entries, list):
+        raise FrameRejected("wrong_type", "rv")
+    if len(entries) > MAX_REWARD_ENTRIES:
+        raise FrameRejected("bad_block", "too many reward value entries")
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 3 and _is_int(entry[0])):
+            raise FrameRejected("bad_block", "a reward value entry is [step, name, values]")
+        _, name, values = entry
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH):
+            raise FrameRejected("bad_block", "a reward function name is a non-empty string")
+        if not isinstance(values, list) or len(values) > MAX_REWARD_VALUES:
+            raise FrameRejected("bad_block", "reward values must be an array of at most 65536")
 
 
 def _is_int(value: Any) -> bool:

@@ -69,3 +69,27 @@ def test_reopening_cuts_a_torn_tail_so_new_records_are_readable(tmp_path):
     log.append(b"after-restart")
     log.close()
     assert list(read_records(path)) == [b"first", b"after-restart"]
+
+
+def test_a_full_disk_fails_commits_and_recovers_without_loss(tmp_path):
+    """On a real 256 KiB tmpfs: records past the free space make commit() return False (never
+    raise); once space returns, the pending records are written again and the log holds every
+    record exactly once, none torn."""
+    from tests.components import small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * 150_000)
+        log = EventLog(disk)
+        payloads = [bytes([i % 256]) * 1000 for i in range(200)]
+        results = []
+        for payload in payloads:
+            log.append(payload)
+            results.append(log.commit())
+        assert False in results and log.failing and log.pending_records > 0
+        filler.unlink()
+        assert log.commit() and not log.failing and log.pending_records == 0
+        log.close()
+        read: list[ReadResult] = []
+        assert list(read_records(disk / FILE_NAME, read)) == payloads
+        assert read[0].skipped_bytes == 0

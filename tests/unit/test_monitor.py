@@ -10,6 +10,7 @@ import torch
 
 from rlmon.config import RankConfig
 from rlmon.monitor import Monitor, NullMonitor
+from rlmon import wire
 from rlmon.publisher import DeferredScalar, HostValues, StopOffer, encode_blocks, resolve_value
 from rlmon.wire import Kind
 
@@ -45,7 +46,7 @@ def test_log_copies_the_dict():
 def test_cpu_tensors_and_numpy_scalars_become_numbers():
     """0-d CPU tensors are read directly; numpy scalars are resolved by the sender."""
     blocks, bad = encode_blocks([(1, 0.0, HostValues(t=torch.tensor(2.5).item(), n=np.float32(1.5)))])
-    assert bad == 0 and blocks[0][3] == [[2.5, 1.5]]
+    assert bad == 0 and _plain(blocks[0])[3] == [[2.5, 1.5]]
     from rlmon.monitor import _host_values
     values = _host_values({"loss": torch.tensor(0.25), "x": 3})
     assert values == {"loss": 0.25, "x": 3}
@@ -70,20 +71,32 @@ def test_blocks_group_equal_key_sets_in_order():
     blocks, bad = encode_blocks(records)
     assert bad == 0
     assert [b[0] for b in blocks] == [["a"], ["span/x"], ["a"]]
-    assert blocks[0][1:] == [[0, 1], [1.0, 2.0], [[1.0], [2.0]]]
+    assert _plain(blocks[0])[1:] == [[0, 1], [1.0, 2.0], [[1.0], [2.0]]]
+
+
+def test_blocks_of_numbers_are_packed_and_others_stay_plain():
+    """All-number blocks travel as packed bin columns; a block with a string stays plain (the
+    collector counts the wrong type); both decode to the same steps and times."""
+    numbers, _ = encode_blocks([(0, 1.0, {"a": 1.0, "b": 2}), (1, 2.0, {"a": float("nan"), "b": True})])
+    mixed, _ = encode_blocks([(0, 1.0, {"a": 1.0, "b": "x"})])
+    assert isinstance(numbers[0][3], bytes) and mixed[0][3] == [[1.0, "x"]]
+    decoded = wire._block_of(numbers[0])
+    assert decoded.packed and decoded.steps.tolist() == [0, 1] and decoded.times.tolist() == [1.0, 2.0]
+    assert decoded.values[0].tolist() == [1.0, 2.0] and decoded.values[1, 1] == 1.0
+    assert not wire._block_of(mixed[0]).packed
 
 
 def test_unreadable_records_are_counted_not_raised():
     """A step that is not an integer is dropped and counted by the encoder."""
     blocks, bad = encode_blocks([("x", 0.0, {"a": 1.0}), (1, 0.0, {"a": 2.0})])
-    assert bad == 1 and blocks[0][1] == [1]
+    assert bad == 1 and _plain(blocks[0])[1] == [1]
 
 
 def test_bad_arguments_never_raise(monitor):
     """log() with a non-dict and log_samples() with junk are counted, not raised."""
     monitor.log(0, None)
     monitor.log_samples(0, ["p"], ["r"], rewards=["not a number"])
-    assert monitor.statistics()["dropped"]["bad_value"] == 2
+    assert monitor.statistics()["dropped"] == {"bad_value": 1, "bad_sample": 1}
 
 
 def test_queue_bound_drops_and_counts():
@@ -93,7 +106,8 @@ def test_queue_bound_drops_and_counts():
         for step in range(20):
             mon.log(step, {"a": 1.0})
         stats = mon.statistics()
-        assert stats["emitted"] == 5 and stats["dropped"] == {"queue_full": 15}
+        assert stats["emitted"] == 20 and stats["pending"] == 5
+        assert stats["dropped"] == {"queue_full": 15}
     finally:
         mon.close()
 
@@ -245,3 +259,10 @@ def test_log_after_close_is_dropped_and_counted():
     mon.log(0, {"a": 1.0})
     assert mon.statistics()["dropped"] == {"closed": 1}
     assert len(mon._publisher.pending) == 0
+
+
+def _plain(block: list) -> list:
+    """A wire block as plain lists (packed columns decoded)."""
+    decoded = wire._block_of(block)
+    values = decoded.values.tolist() if decoded.packed else decoded.values
+    return [decoded.keys, decoded.steps.tolist(), decoded.times.tolist(), values]

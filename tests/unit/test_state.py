@@ -52,6 +52,41 @@ def test_duplicate_batches_are_dropped_and_counted():
     assert state.ranks.get(0).batches == 1
 
 
+def test_a_gap_is_filled_by_a_resend_and_acks_carry_the_watermark():
+    """Batches 1 and 3 arrive, 2 was lost with a dead collector: the ACK stays at 1 until the
+    re-sent 2 arrives, then jumps to 3; re-sent 1 and 3 are duplicates."""
+    state = _state(world=1)
+    state.handle(_batch(0, 1, [0], {"a": [1.0]}), b"id0", 1.0)
+    state.handle(_batch(0, 3, [2], {"a": [3.0]}), b"id0", 1.0)
+    assert state.ack(b"id0", 0, 1).fields["seq"] == 1
+    assert state.is_duplicate(_batch(0, 3, [2], {"a": [3.0]}))
+    assert not state.is_duplicate(_batch(0, 2, [1], {"a": [2.0]}))
+    state.handle(_batch(0, 2, [1], {"a": [2.0]}), b"id0", 1.0)
+    assert state.ack(b"id0", 0, 1).fields["seq"] == 3
+    assert state.is_duplicate(_batch(0, 1, [0], {"a": [1.0]}))
+    assert state.ranks.get(0).batches == 3 and state.rejected_by_reason["duplicate"] == 2
+
+
+def test_a_floor_gives_up_on_batches_the_rank_dropped():
+    """A rank that dropped batch 2 says so (floor 3): the watermark moves past the gap."""
+    state = _state(world=1)
+    state.handle(_batch(0, 1, [0], {"a": [1.0]}), b"id0", 1.0)
+    message = _msg(Kind.BATCH, 0, 1, seq=3, t=0.0, step=2, floor=3,
+                   blocks=[[["a"], [2], [0.0], [[3.0]]]])
+    state.handle(message, b"id0", 1.0)
+    assert state.ack(b"id0", 0, 1).fields["seq"] == 3
+
+
+def test_seq_window_stays_bounded():
+    """A rank that never fills a gap cannot grow the remembered set without bound."""
+    from collector.ranks import MAX_SEQS_ABOVE_WATERMARK, SeqWindow
+    window = SeqWindow()
+    for seq in range(2, MAX_SEQS_ABOVE_WATERMARK + 10):
+        window.accept(seq)
+    assert len(window.above) <= MAX_SEQS_ABOVE_WATERMARK and window.watermark > 1
+    assert window.seen(5) and not window.seen(MAX_SEQS_ABOVE_WATERMARK + 10)
+
+
 def test_nan_and_wrong_types_are_flagged():
     """NaN/Inf are stored and counted; a string value is counted and not stored."""
     state = _state(world=1)

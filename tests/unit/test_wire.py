@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from pathlib import Path
 
 import msgpack
@@ -48,8 +49,23 @@ def test_batch_vector_encodes_and_decodes():
     decoded = wire.decode(_vectors()["batch"])
     assert decoded.kind is Kind.BATCH and decoded.rank == 1 and decoded.inc == 7
     block = decoded.fields["blocks"][0]
-    assert block.keys == ["reward", "kl"] and block.steps == [10, 11]
+    assert block.keys == ["reward", "kl"] and block.steps.tolist() == [10, 11]
     assert block.values == [[0.5, 0.01], [0.75, 0.02]]
+
+
+def test_packed_batch_vector_encodes_and_decodes():
+    """The documented packed BATCH is what the publisher's packing gives, and decodes to the
+    same block as the plain vector."""
+    block = wire.pack_block(["reward", "kl"], [10, 11], [1700000000.75, 1700000000.875],
+                            [[0.5, 0.01], [0.75, 0.02]])
+    message = wire.envelope(Kind.BATCH, "run1", 1, 7, seq=3, t=1700000001.0, step=11,
+                            blocks=[block], ledger={"emitted": 12, "dropped": {}, "sent": 3})
+    assert wire.encode(message) == _vectors()["batch_packed"]
+    packed = wire.decode(_vectors()["batch_packed"]).fields["blocks"][0]
+    plain = wire.decode(_vectors()["batch"]).fields["blocks"][0]
+    assert packed.packed and not plain.packed
+    assert packed.steps.tolist() == plain.steps.tolist() and packed.times.tolist() == plain.times.tolist()
+    assert packed.values.tolist() == plain.values
 
 
 def test_stop_vector_decodes():
@@ -112,6 +128,56 @@ def test_bad_blocks_are_rejected(blocks):
     with pytest.raises(FrameRejected) as caught:
         wire.decode(_batch(blocks=blocks))
     assert caught.value.reason == "bad_block"
+
+
+_I8, _F8 = struct.Struct("<q"), struct.Struct("<d")
+
+
+def _packed(keys, steps, times, values):
+    return [keys, b"".join(_I8.pack(x) for x in steps), b"".join(_F8.pack(x) for x in times),
+            b"".join(_F8.pack(x) for row in values for x in row)]
+
+
+def test_packed_block_decodes_to_arrays():
+    """A packed block (little-endian bin columns) decodes to the same steps, times and values
+    as the plain form, NaN and Inf included."""
+    block = _packed(["a", "b"], [3, 4], [1.5, 2.5], [[1.0, math.nan], [math.inf, -2.0]])
+    assert block == wire.pack_block(["a", "b"], [3, 4], [1.5, 2.5], [[1.0, math.nan], [math.inf, -2.0]])
+    decoded = wire.decode(_batch(blocks=[block])).fields["blocks"][0]
+    assert decoded.packed and decoded.steps.tolist() == [3, 4] and decoded.times.tolist() == [1.5, 2.5]
+    assert decoded.values.shape == (2, 2) and decoded.values[0, 0] == 1.0
+    assert math.isnan(decoded.values[0, 1]) and decoded.values[1, 0] == math.inf
+
+
+@pytest.mark.parametrize("block", [
+    [["a"], b"\x00" * 8, b"\x00" * 8, b"\x00" * 16],              # values too long
+    [["a"], b"\x00" * 7, b"\x00" * 8, b"\x00" * 8],               # steps not whole int64s
+    [["a"], b"\x00" * 8, b"\x00" * 16, b"\x00" * 8],              # times longer than steps
+    [["a"], [0], [1.0], b"\x00" * 8],                             # plain steps, packed values
+    [["a", "a"], b"\x00" * 8, b"\x00" * 8, b"\x00" * 16],          # duplicate keys
+    ["a", b"\x00" * 8, b"\x00" * 8, b"\x00" * 8],                 # keys not an array
+    _packed(["a"], [0], [math.nan], [[1.0]]),                     # NaN time
+    _packed(["a"], [0], [math.inf], [[1.0]]),                     # Inf time
+    [["a"], b"\x00" * 8 * 70000, b"\x00" * 8 * 70000, b"\x00" * 8 * 70000],  # too many steps
+])
+def test_bad_packed_blocks_are_rejected(block):
+    """A packed block whose columns disagree, or with bad keys or times, is a bad_block."""
+    with pytest.raises(FrameRejected) as caught:
+        wire.decode(_batch(blocks=[block]))
+    assert caught.value.reason == "bad_block"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=4), max_size=4), st.binary(max_size=64),
+       st.binary(max_size=64), st.binary(max_size=128))
+def test_random_packed_columns_never_crash_the_decoder(keys, steps, times, values):
+    """Random bin columns are either a valid packed block or a counted bad_block."""
+    try:
+        block = wire.decode(_batch(blocks=[[keys, steps, times, values]])).fields["blocks"][0]
+    except FrameRejected as exc:
+        assert exc.reason == "bad_block"
+    else:
+        assert block.values.shape == (len(steps) // 8, len(keys))
 
 
 def test_nan_and_inf_values_pass_the_decoder():
