@@ -9,6 +9,8 @@ that goes back to the asking identity in a RESULT message. Questions:
 ``metrics``      per metric (or only ``name``): window statistics and the last ``n`` points
                  (default 100) of the cross-rank mean series
 ``ppo``          the seed's ``PPOMetricsTracker`` figures
+``rewards``      the GRPO seed's per-sample reward statistics per function (with histogram,
+                 calls, errors, average time), their aggregates and the reward alerts
 ``stop``         the coordinated stop state, or ``{"stopped": False}``
 
 An unknown question or a bad argument is answered ``{"error": "..."}``; nothing here raises for
@@ -33,6 +35,8 @@ VALUE_LOSS = ("value_loss", "vf_loss")
 CLIP_FRACTION = ("clip_fraction", "clipfrac")
 ADVANTAGE = ("advantage_mean", "advantages", "advantage")
 GRAD_NORM = ("grad_norm",)
+REWARD_ALERT_TYPES = ("OUTLIER", "DROP", "SPIKE", "FLATLINE", "NEGATIVE")
+"""Alert types of the per-reward-function anomaly detectors (the GRPO seed's)."""
 
 
 def answer(state: CollectorState, question: str, args: Any) -> dict[str, Any]:
@@ -81,10 +85,7 @@ def _alerts(state: CollectorState, args: dict[str, Any]) -> dict[str, Any]:
         counts[severity] = counts.get(severity, 0) + count
     recent = list(state.alerts)[-n:] if n else []
     return {"counts": counts, "total": sum(counts.values()),
-            "recent": [{"step": a.step, "severity": a.severity, "type": a.type, "metric": a.metric,
-                        "value": float(a.value), "threshold": float(a.threshold),
-                        "message": a.message, "time": float(a.time), "rank": a.rank}
-                       for a in recent]}
+            "recent": [_alert_map(a) for a in recent]}
 
 
 def _comparisons(state: CollectorState, args: dict[str, Any]) -> dict[str, Any]:
@@ -146,6 +147,83 @@ def _stop(state: CollectorState, args: dict[str, Any]) -> dict[str, Any]:
             "source": stop.source}
 
 
+def _rewards(state: CollectorState, args: dict[str, Any]) -> dict[str, Any]:
+    n = _limit(args, "n", 100)
+    window = _limit(args, "window", 0) or None
+    summary = state.reward_stats.summary(window)
+    names = sorted(set(summary["functions"]) | _timed_functions(state))
+    functions = {name: {**summary["functions"].get(name, _NO_VALUES),
+                        **reward_execution(state, name)} for name in names}
+    counts = dict.fromkeys(REWARD_ALERT_TYPES, 0)
+    for (kind, _), count in state.alert_counts.items():
+        if kind in counts:
+            counts[kind] += count
+    alerts = [a for a in state.alerts if a.type in REWARD_ALERT_TYPES][-n:] if n else []
+    return {"functions": functions, "total_mean": summary["total_mean"],
+            "total_std": summary["total_std"], "sum": summary["sum"],
+            "window": summary["window"], "alert_counts": counts,
+            "alerts_total": sum(counts.values()), "alerts": [_alert_map(a) for a in alerts]}
+
+
+_NO_VALUES: dict[str, Any] = {
+    **dict.fromkeys(("mean", "std", "min", "max", "median", "p25", "p75", "p90", "ema_short",
+                     "ema_long", "positive_fraction", "negative_fraction", "zero_fraction"),
+                    math.nan),
+    "count": 0, "samples": 0, "non_finite": 0, "missing": 0, "last_step": -1,
+    "histogram": {"edges": [], "counts": []}}
+
+
+def _timed_functions(state: CollectorState) -> set[str]:
+    """Names of the wrapped reward functions whose ``reward_fn/<name>/calls`` are in the store."""
+    return {metric[len("reward_fn/"):-len("/calls")] for metric, rank in state.store.keys()
+            if rank >= 0 and metric.startswith("reward_fn/") and metric.endswith("/calls")}
+
+
+def reward_execution(state: CollectorState, name: str) -> dict[str, Any]:
+    """``calls`` and ``errors`` (summed over the ranks' cumulative counts) and ``avg_time_ms``
+    (seconds over calls, per call, over the points the store holds; NaN without calls) of the
+    wrapped reward function ``name``."""
+    calls = errors = covered = 0
+    seconds = 0.0
+    for rank in sorted(state.ranks.ranks):
+        rank_calls, rank_covered, rank_seconds = _rank_timing(state, name, rank)
+        calls += rank_calls
+        covered += rank_covered
+        seconds += rank_seconds
+        series = state.store.find(f"reward_fn/{name}/errors", rank)
+        errors += _as_count(state.store.last(series)[1]) if series is not None else 0
+    return {"calls": calls, "errors": errors,
+            "avg_time_ms": 1000.0 * seconds / covered if covered else math.nan}
+
+
+def _rank_timing(state: CollectorState, name: str, rank: int) -> tuple[int, int, float]:
+    """One rank's cumulative calls, and the calls and seconds of the steps the store holds."""
+    calls_series = state.store.find(f"reward_fn/{name}/calls", rank)
+    seconds_series = state.store.find(f"reward_fn/{name}/seconds", rank)
+    if calls_series is None or seconds_series is None:
+        return 0, 0, 0.0
+    _, calls = state.store.history(calls_series)
+    _, seconds = state.store.history(seconds_series)
+    last = _as_count(calls[-1]) if calls.size else 0
+    if not calls.size or calls.size != seconds.size:
+        return last, 0, 0.0
+    if state.store.count(calls_series) < state.store.capacity:  # the whole run is held
+        return last, last, float(np.nansum(seconds))
+    return last, max(last - _as_count(calls[0]), 0), float(np.nansum(seconds[1:]))
+
+
+def _as_count(value: float) -> int:
+    return int(value) if math.isfinite(value) and value >= 0 else 0
+
+
+def _alert_map(a: Any) -> dict[str, Any]:
+    """One alert as a plain map (the ``alerts`` and ``rewards`` answers)."""
+    return {"step": a.step, "severity": a.severity, "type": a.type, "metric": a.metric,
+            "value": float(a.value), "threshold": float(a.threshold), "message": a.message,
+            "time": float(a.time), "rank": a.rank}
+
+
 _QUESTIONS: dict[str, Callable[[CollectorState, dict[str, Any]], dict[str, Any]]] = {
-    "alerts": _alerts, "comparisons": _comparisons, "metrics": _metrics, "ppo": _ppo, "stop": _stop,
+    "alerts": _alerts, "comparisons": _comparisons, "metrics": _metrics, "ppo": _ppo,
+    "rewards": _rewards, "stop": _stop,
 }

@@ -36,6 +36,11 @@ times are Unix seconds; steps are the training loop's own step numbers):
   batches_received, scalars_received, dropped, closed}}``.
 * ``samples`` — the recent samples: ``step``, ``rank``, ``prompt``, ``response``, ``reward``.
 * ``sample_comparisons`` — the seed's comparator summary (see :mod:`exporters.reports`).
+* ``reward_statistics`` — the statistics of the individual values the wrapped reward functions
+  returned (``functions``: per function ``count``, ``samples``, ``mean``, ``std``, ``min``,
+  ``max``, ``median``, ``p25``, ``p75``, ``p90``, ``ema_short``/``ema_long`` over step means, the
+  three sign fractions, ``non_finite``, ``missing``, ``last_step`` and ``histogram`` with
+  ``edges``/``counts``; plus ``total_mean``, ``total_std``, ``sum``), as in the JSON report.
 
 The file is written atomically and compactly (one line); it needs no optional dependency.
 """
@@ -54,8 +59,8 @@ import numpy as np
 
 from collector.snapshot import Alert, CollectorSnapshot, MetricSnapshot, RankSnapshot
 from exporters.atomic import atomic_write_text
-from exporters.reports import (_jsonable, alert_totals, sample_comparisons, total_iterations,
-                               trend_arrow)
+from exporters.reports import (_jsonable, alert_totals, reward_statistics, sample_comparisons,
+                               total_iterations, trend_arrow)
 
 FILE_NAME = "monitoring_data.json"
 """File name of the export (the GRPO seed's)."""
@@ -70,7 +75,7 @@ MAX_RANKS_BY_RANK = 64
 """Above this many ranks, ``metrics[*].by_rank`` is left out to keep the file small."""
 
 TOP_LEVEL_KEYS = ("schema", "run", "steps", "history", "statistics", "metrics", "alerts",
-                  "alert_counts", "ranks", "samples", "sample_comparisons")
+                  "alert_counts", "ranks", "samples", "sample_comparisons", "reward_statistics")
 """Every key of the export, in file order."""
 
 _DIRECTIONS = {"↑": "up", "↓": "down", "→": "flat"}
@@ -129,6 +134,7 @@ def build_monitoring_data(snapshot: CollectorSnapshot, *,
                      "response": s.response, "reward": s.reward}
                     for s in snapshot.recent_samples],
         "sample_comparisons": sample_comparisons(snapshot),
+        "reward_statistics": reward_statistics(snapshot),
     })
 
 

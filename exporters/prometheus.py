@@ -43,6 +43,10 @@ WINDOW_STATS = ("mean", "std", "min", "max", "median", "p25", "p75", "p90",
                 "ema_short", "ema_long", "slope", "last")
 """Values of the ``stat`` label of ``rlmon_metric_window``, in exposition order."""
 
+REWARD_STATS = ("mean", "std", "min", "max", "median", "p25", "p75", "p90", "ema_short",
+                "ema_long", "positive_fraction", "negative_fraction", "zero_fraction")
+"""Values of the ``stat`` label of ``rlmon_reward_stat`` (per-sample reward statistics)."""
+
 STOP_REASON_MAX_CHARS = 80
 """The ``reason`` label of ``rlmon_stop_info`` is cut to this many characters."""
 
@@ -87,6 +91,7 @@ class SnapshotCollector:
             yield from _worst_rank_families(snapshot.ranks.values(), snapshot.taken_at)
         yield from _alert_families(snapshot)
         yield from _stop_families(snapshot.stop)
+        yield from _reward_families(snapshot.extra.get("rewards"))
 
     def per_rank_labels(self, snapshot: CollectorSnapshot) -> bool:
         """Whether ``snapshot`` is small enough to export per-rank series."""
@@ -449,3 +454,39 @@ def _short(text: str, limit: int = STOP_REASON_MAX_CHARS) -> str:
     """``text`` on one line, cut to ``limit`` characters (with an ellipsis when cut)."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _reward_families(rewards: object) -> Iterator[Metric]:
+    """Per-sample reward statistics (``snapshot.extra["rewards"]``, see
+    :mod:`collector.reward_stats`): per function and statistic, and the aggregates. Nothing when
+    no reward values were received; NaN statistics are left out."""
+    if not isinstance(rewards, Mapping) or not rewards.get("functions"):
+        return
+    stat = _gauge("rlmon_reward_stat", "Statistic of the individual values of a reward function "
+                  "over its window (EMAs over per-step means).", ["fn", "stat"])
+    held = _gauge("rlmon_reward_window_values", "Finite values in a reward function's window.",
+                  ["fn"])
+    received = _counter("rlmon_reward_values_total",
+                        "Finite values a reward function returned.", ["fn"])
+    skipped = _counter("rlmon_reward_values_skipped_total",
+                       "Values of a reward function left out of its statistics, by reason.",
+                       ["fn", "reason"])
+    for fn, stats in sorted(rewards["functions"].items()):
+        for name in REWARD_STATS:
+            if not _is_nan(stats.get(name, math.nan)):
+                stat.add_metric([fn, name], float(stats[name]))
+        held.add_metric([fn], float(stats.get("count", 0)))
+        _add_count(received, [fn], stats.get("samples", 0))
+        _add_count(skipped, [fn, "non_finite"], stats.get("non_finite", 0))
+        _add_count(skipped, [fn, "missing"], stats.get("missing", 0))
+    yield from (stat, held, received, skipped)
+    for name, key, doc in (("rlmon_reward_total_mean", "total_mean", "Mean of the reward "
+                            "functions' means."),
+                           ("rlmon_reward_total_std", "total_std", "Mean of the reward "
+                            "functions' standard deviations."),
+                           ("rlmon_reward_sum_of_means", "sum", "Sum of the reward functions' "
+                            "means.")):
+        family = _gauge(name, doc)
+        if not _is_nan(rewards.get(key, math.nan)):
+            family.add_metric([], float(rewards[key]))
+        yield family

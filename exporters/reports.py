@@ -30,6 +30,11 @@ or a crash never sees half a report. The JSON follows the seed's schema — ``su
   :data:`RECENT_ALERTS` alerts), Sample Comparisons (comparator summary, last :data:`RECENT_SAMPLES`
   samples), PPO Mechanics (only when metrics named like :data:`PPO_METRIC_HINTS` exist), Ranks,
   Collector Health.
+* **Reward statistics** (JSON ``reward_statistics``, Markdown "Reward Functions") are over the
+  individual values the wrapped reward functions returned, from ``snapshot.extra["rewards"]``
+  (:mod:`collector.reward_stats`): per function the window statistics, sign fractions, EMAs of the
+  step means, counts and histogram, plus ``total_mean``, ``total_std`` and ``sum``; empty
+  ``functions`` when none were received.
 * **Sample comparisons** come from ``snapshot.extra["sample_comparisons"]`` (a mapping with the
   seed's four keys) when the collector ran a sample comparator; without one they are
   ``num_comparisons: 0``, ``avg_similarity: null``, ``degraded_count: 0``,
@@ -160,6 +165,16 @@ def sample_comparisons(snapshot: CollectorSnapshot) -> dict[str, Any]:
     return _jsonable(merged)
 
 
+def reward_statistics(snapshot: CollectorSnapshot) -> dict[str, Any]:
+    """The per-sample reward statistics from ``extra["rewards"]`` (``functions`` empty and the
+    aggregates NaN when no reward values were received)."""
+    found = snapshot.extra.get("rewards")
+    if not isinstance(found, Mapping):
+        return {"functions": {}, "total_mean": math.nan, "total_std": math.nan, "sum": math.nan}
+    return {"functions": dict(found.get("functions", {})),
+            **{key: found.get(key, math.nan) for key in ("total_mean", "total_std", "sum")}}
+
+
 # --- JSON -----------------------------------------------------------------------------------------
 
 def build_json_report(snapshot: CollectorSnapshot, *,
@@ -171,6 +186,7 @@ def build_json_report(snapshot: CollectorSnapshot, *,
         "metrics": {name: _json_metric(m) for name, m in sorted(snapshot.metrics.items())},
         "alerts": [_json_alert(alert) for alert in snapshot.alerts],
         "sample_comparisons": sample_comparisons(snapshot),
+        "reward_statistics": reward_statistics(snapshot),
         "ranks": {str(r.rank): _json_rank(r) for r in _sorted_ranks(snapshot.ranks.values())},
         "collector": _json_collector(snapshot),
     })
@@ -252,7 +268,7 @@ def render_markdown(snapshot: CollectorSnapshot, *, generated_at: float | None =
     """The Markdown report as text (sections in the seed's order, then rlmon's)."""
     when = time.time() if generated_at is None else generated_at
     sections = [["# Training Report"], _md_summary(snapshot, when), _md_metrics(snapshot),
-                _md_alerts(snapshot), _md_samples(snapshot), _md_ppo(snapshot),
+                _md_rewards(snapshot), _md_alerts(snapshot), _md_samples(snapshot), _md_ppo(snapshot),
                 _md_ranks(snapshot), _md_health(snapshot)]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -288,6 +304,28 @@ def _metric_table(metrics: Iterable[MetricSnapshot]) -> list[str]:
         table.append(f"| {_cell(m.name)} | {_num(s.mean)} | {_num(s.std)} | {_num(s.min)} | "
                      f"{_num(s.max)} | {trend_arrow(s, m.steps)} |")
     return table
+
+
+def _md_rewards(snap: CollectorSnapshot) -> list[str]:
+    stats = reward_statistics(snap)
+    if not stats["functions"]:
+        return []
+    lines = ["## Reward Functions", "",
+             f"Over each function's individual values: total mean {_num(stats['total_mean'])}, "
+             f"mean std {_num(stats['total_std'])}, sum of means {_num(stats['sum'])}.", "",
+             "| Function | Mean | Std | Min | Median | Max | P90 | EMA short | EMA long | "
+             "Positive | Zero | Negative | Samples |", "|---" * 13 + "|"]
+    for name, s in sorted(stats["functions"].items()):
+        lines.append(f"| {_cell(name)} | {_num(s['mean'])} | {_num(s['std'])} | {_num(s['min'])} | "
+                     f"{_num(s['median'])} | {_num(s['max'])} | {_num(s['p90'])} | "
+                     f"{_num(s['ema_short'])} | {_num(s['ema_long'])} | "
+                     f"{_percent(s['positive_fraction'])} | {_percent(s['zero_fraction'])} | "
+                     f"{_percent(s['negative_fraction'])} | {s['samples']} |")
+    return lines
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%" if math.isfinite(fraction) else "n/a"
 
 
 def _md_alerts(snap: CollectorSnapshot) -> list[str]:

@@ -19,11 +19,15 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from rlmon import wire
 from rlmon.config import RankConfig
 from rlmon.publisher import DeferredScalar, HostValues, Publisher, StopOffer
+from rlmon.rewards import RewardTally, reward_floats
 from rlmon.wire import Kind
 
 log = logging.getLogger("rlmon")
 
 _PLAIN_TYPES = frozenset({float, int})
+#: Reward-function calls whose values may wait for the next ``log`` call; more are dropped and
+#: counted (``bad_sample``), so a loop that never logs cannot grow memory without bound.
+MAX_UNSTAMPED_REWARDS = 10_000
 
 
 class Monitor:
@@ -49,6 +53,9 @@ class Monitor:
         self._attached: dict[str, float] = {}
         """Values sent with the next ``log`` call: span timings, wrapped reward functions'."""
         self.attach_generation = 0
+        self._unstamped_rewards: list[list[Any]] = []
+        """``[name, values]`` waiting for the step of the next ``log`` call."""
+        self._reward_means: dict[str, RewardTally] = {}
         self._seen_offer: StopOffer | None = None
         self._stop_at: int | None = None
         self._stop_reason: str | None = None
@@ -67,18 +74,18 @@ class Monitor:
         is copied to the host without blocking and read later by the background thread. When the
         queue holds ``max_pending`` steps the call is dropped and counted (``queue_full``)."""
         pending = self._pending
+        self._publisher.ledger.emitted += 1
         if len(pending) >= self._max_pending:
             self._publisher.ledger.drop("closed" if self._closed else "queue_full")
             return
         if self._attached:
-            metrics = self._with_attached(metrics)
+            metrics = self._with_attached(metrics, step)
         try:
             if _PLAIN_TYPES.issuperset(map(type, metrics.values())):
                 pending.append((step, time.time(), metrics.copy()))
             else:
                 pending.append((step, time.time(), _host_values(metrics)))
             self._publisher.current_step = step
-            self._publisher.ledger.emitted += 1
         except Exception:  # a bad argument must not take training down
             self._publisher.ledger.drop("bad_value")
 
@@ -90,7 +97,7 @@ class Monitor:
             self._publisher.samples.append([int(step), [str(p) for p in prompts],
                                             [str(r) for r in responses], reward_list])
         except Exception:
-            self._publisher.ledger.drop("bad_value")
+            self._publisher.ledger.drop("bad_sample")
 
     @contextlib.contextmanager
     def span(self, name: str) -> Iterator[None]:
@@ -105,22 +112,69 @@ class Monitor:
             spans = self._attached
             spans[key] = spans.get(key, 0.0) + (time.perf_counter() - started)
 
-    def _with_attached(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """``metrics`` plus the pending span timings (which are then cleared)."""
+    def _with_attached(self, metrics: Mapping[str, Any], step: int) -> dict[str, Any]:
+        """``metrics`` plus the pending span timings (which are then cleared); reward values
+        waiting for a step get ``step``."""
         try:
             merged = {**metrics, **self._attached}
         except TypeError:  # not a mapping: let log() count it
             return metrics
         self._attached = {}
         self.attach_generation += 1
+        if self._unstamped_rewards:
+            self._stamp_reward_values(step)
         return merged
+
+    def _stamp_reward_values(self, step: int) -> None:
+        entries, self._unstamped_rewards = self._unstamped_rewards, []
+        try:
+            step = int(step)
+        except (TypeError, ValueError):
+            self._publisher.ledger.drop("bad_sample")
+            return
+        queue = self._publisher.reward_values
+        for name, values in entries:
+            queue.append([step, name, values])
+
+    def log_reward_values(self, step: int | None, name: str, values: Any) -> None:
+        """Send the individual values one reward function returned (one per sample) for the
+        collector's per-sample statistics (question ``rewards``; ``docs/protocol.md``, ``rv``).
+
+        ``step`` None (what wrapped reward functions use): the values get the step of the next
+        ``log`` call, which also carries their mean over that step as ``rewards/<name>`` (the
+        series the reward detectors watch). With a step, only the values are sent. Values are
+        numbers, a list, an array or a tensor; non-numbers go as nil and are counted by the
+        collector. Cost: one float conversion per value and an append; never raises (a bad
+        argument is dropped and counted as ``bad_sample``)."""
+        try:
+            label = str(name)[:wire.MAX_NAME_LENGTH]
+            floats = reward_floats(values)[:wire.MAX_REWARD_VALUES]
+            if step is None and len(self._unstamped_rewards) >= MAX_UNSTAMPED_REWARDS:
+                self._publisher.ledger.drop("bad_sample")
+            elif step is None:
+                self._unstamped_rewards.append([label, floats])
+                self._attach_reward_mean(label, floats)
+            else:
+                self._publisher.reward_values.append([int(step), label, floats])
+        except Exception:
+            self._publisher.ledger.drop("bad_sample")
+
+    def _attach_reward_mean(self, name: str, floats: list) -> None:
+        tally = self._reward_means.get(name)
+        if tally is None:
+            tally = self._reward_means[name] = RewardTally()
+        tally.start_step_if_new(self.attach_generation)
+        tally.add(floats)
+        if tally.count:
+            self._attached[f"rewards/{name}"] = tally.total / tally.count
 
     def wrap_rewards(self, functions: Sequence[Callable], names: Sequence[str] | None = None
                      ) -> list[Callable]:
         """Reward functions with the same names, signatures and return values (TRL's
         ``reward_funcs`` shape) that also send, with the next ``log`` call, each function's mean
         reward (``rewards/<name>``), seconds spent (``reward_fn/<name>/seconds``), and cumulative
-        calls and errors (``reward_fn/<name>/calls``, ``.../errors``). Exceptions propagate."""
+        calls and errors (``reward_fn/<name>/calls``, ``.../errors``), and every value returned
+        (:meth:`log_reward_values`). Exceptions propagate."""
         from rlmon.rewards import wrap_reward
 
         names = list(names) if names is not None else [None] * len(functions)
@@ -211,7 +265,8 @@ class Monitor:
 
     def query(self, q: str, timeout: float = 5.0, **args: Any) -> dict[str, Any] | None:
         """Ask the collector a question and wait for its answer (``docs/protocol.md``, QUERY):
-        ``"alerts"``, ``"comparisons"``, ``"metrics"`` (``name=``, ``n=``), ``"ppo"``, ``"stop"``.
+        ``"alerts"``, ``"comparisons"``, ``"metrics"`` (``name=``, ``n=``), ``"ppo"``,
+        ``"rewards"`` (``n=``, ``window=``), ``"stop"``.
 
         Blocking (up to ``timeout`` seconds), so never call it on the hot path. The query travels
         after everything logged before it. Never raises: None on timeout, after ``close``, or for a
@@ -232,11 +287,13 @@ class Monitor:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        """The ledger: steps emitted, dropped by reason, batches sent, highest acknowledged seq."""
+        """The ledger: ``log`` calls (``emitted``), steps acknowledged by the collector, dropped
+        by reason, held unacknowledged, still queued (``pending``), batches sent, the highest
+        acknowledged batch."""
         ledger = self._publisher.ledger
-        return {"emitted": ledger.emitted, "dropped": dict(ledger.dropped),
-                "batches_sent": ledger.batches_sent, "acked_seq": ledger.acked_seq,
-                "pending": len(self._pending)}
+        return {"emitted": ledger.emitted, "acked": ledger.acked, "dropped": dict(ledger.dropped),
+                "unacked": ledger.unacked, "batches_sent": ledger.batches_sent,
+                "acked_seq": ledger.acked_seq, "pending": len(self._pending)}
 
     def close(self) -> None:
         """Flush and disconnect; with the collector gone this takes at most ``close_timeout`` + a
@@ -321,6 +378,9 @@ class NullMonitor:
     def attach(self, values: Mapping[str, float]) -> None:
         """Do nothing."""
 
+    def log_reward_values(self, step: int | None, name: str, values: Any) -> None:
+        """Do nothing."""
+
     def should_checkpoint(self, step: int) -> bool:
         """Always False."""
         return False
@@ -338,7 +398,8 @@ class NullMonitor:
 
     def statistics(self) -> dict[str, Any]:
         """An empty ledger."""
-        return {"emitted": 0, "dropped": {}, "batches_sent": 0, "acked_seq": 0, "pending": 0}
+        return {"emitted": 0, "acked": 0, "dropped": {}, "unacked": 0, "batches_sent": 0,
+                "acked_seq": 0, "pending": 0}
 
     def close(self) -> None:
         """Do nothing."""

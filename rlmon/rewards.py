@@ -4,8 +4,9 @@ A wrapper keeps the function's ``__name__``, docstring and signature (``functool
 reads ``__name__`` for its own logs) and returns exactly what the function returns. Per step it
 attaches to the rank's next ``log`` call: the mean of the rewards returned (``rewards/<name>``, the
 series the reward detectors watch), the seconds spent (``reward_fn/<name>/seconds``) and the
-cumulative ``calls`` and ``errors``. Timing is measured here, on the rank; statistics (mean, std,
-percentiles, EMAs, anomalies) are computed in the collector.
+cumulative ``calls`` and ``errors``; every individual value returned goes to the collector too
+(``Monitor.log_reward_values``, the BATCH field ``rv``). Timing is measured here, on the rank;
+statistics (mean, std, percentiles, EMAs, histograms, anomalies) are computed in the collector.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+
+#: Reward function names are cut to this many characters, so ``reward_fn/<name>/errors`` stays
+#: within the wire's 256-character key limit.
+MAX_REWARD_NAME = 200
 
 
 @dataclass(slots=True)
@@ -47,7 +52,7 @@ class RewardTally:
 
 def wrap_reward(monitor: Any, function: Callable, name: str | None = None) -> Callable:
     """Wrap one reward function for ``monitor`` (see the module docstring)."""
-    label = name or getattr(function, "__name__", "reward")
+    label = str(name or getattr(function, "__name__", "reward"))[:MAX_REWARD_NAME]
     tally = RewardTally()
 
     @functools.wraps(function)
@@ -61,8 +66,7 @@ def wrap_reward(monitor: Any, function: Callable, name: str | None = None) -> Ca
             tally.errors += 1
             _attach(monitor, label, tally, time.perf_counter() - started)
             raise
-        tally.add(result)
-        _attach(monitor, label, tally, time.perf_counter() - started)
+        _attach(monitor, label, tally, time.perf_counter() - started, result)
         return result
 
     if name is not None:
@@ -71,16 +75,31 @@ def wrap_reward(monitor: Any, function: Callable, name: str | None = None) -> Ca
     return wrapped
 
 
-def _attach(monitor: Any, label: str, tally: RewardTally, seconds: float) -> None:
+def _attach(monitor: Any, label: str, tally: RewardTally, seconds: float,
+            result: Any = None) -> None:
+    """Attach this step's counts; hand a result's values (and so its mean) to the monitor."""
     tally.seconds += seconds
     values = {f"reward_fn/{label}/calls": tally.calls, f"reward_fn/{label}/errors": tally.errors,
               f"reward_fn/{label}/seconds": tally.seconds}
-    if tally.count:
-        values[f"rewards/{label}"] = tally.total / tally.count
     try:
         monitor.attach(values)
+        if result is not None:
+            monitor.log_reward_values(None, label, result)
     except Exception:  # monitoring must never break the reward computation
         pass
+
+
+def reward_floats(values: Any) -> list[float | None]:
+    """A reward function's result as a list of floats, one per sample: numbers, lists, tuples,
+    arrays and tensors are accepted; anything that is not a number (TRL's ``None`` for "does not
+    apply", a string) becomes ``None``. A single number is a list of one."""
+    floats: list[float | None] = []
+    for value in _as_list(values):
+        try:
+            floats.append(float(value))
+        except (TypeError, ValueError, OverflowError):
+            floats.append(None)
+    return floats
 
 
 def _as_list(values: Any) -> list:

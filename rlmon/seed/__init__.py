@@ -7,9 +7,13 @@ coordinated stop. Custom callbacks run in the training process. See ``docs/seeds
 
 from rlmon.seed.analyzers import PPOMetricsTracker, QualityAlert, QualityAnalyzer, SampleComparator
 from rlmon.seed.events import TrainingCallback, TrainingEvent, TrainingPhase, VerbosityLevel
+from rlmon.seed.grpo import (GRPOMonitoringIntegration, RewardMetricsLogger, RewardMonitor,
+                             setup_grpo_monitoring)
 from rlmon.seed.monitor import MetricsStore, TrainingMonitor
 from rlmon.seed.outputs import PlotManager, ReportGenerator
+from rlmon.seed.reward_visualizer import RewardVisualizer
 
 __all__ = ["TrainingMonitor", "TrainingEvent", "TrainingPhase", "TrainingCallback",
            "VerbosityLevel", "MetricsStore", "SampleComparator", "QualityAnalyzer", "QualityAlert",
-           "PPOMetricsTracker", "PlotManager", "ReportGenerator"]
+           "PPOMetricsTracker", "PlotManager", "ReportGenerator", "setup_grpo_monitoring",
+           "GRPOMonitoringIntegration", "RewardMonitor", "RewardMetricsLogger", "RewardVisualizer"]
