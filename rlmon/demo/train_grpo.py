@@ -37,6 +37,14 @@ purpose from ``--inject_step`` on, to show the detectors firing:
   and ``rewards/check_answer`` fall to zero and completions become strings of digits (``kl``
   rises past 0.2 on the way).
 
+``--algo ppo`` trains the same policy on the same task by PPO instead, with a value network,
+GAE advantages and the KL penalty in the reward (:mod:`rlmon.demo.train_ppo`). ``--verbose`` is
+the training-monitor guide's VERBOSE level: each step also logs the finer PPO mechanics
+(``VERBOSE_METRICS``: policy change, ratio extremes, advantage and reward ranges, the value
+network's figures) and rank 0 prints every step with more columns, then the collector's PPO
+summary. The core mechanics (``clip_fraction``, ``grad_norm``, ``advantage_mean``/``_std``, the
+losses) are logged at every level: the collector's detectors watch them.
+
 Exit status 0 whether the run finishes or is stopped by rlmon.
 """
 
@@ -64,6 +72,14 @@ from rlmon.demo.model import (TinyPolicy, completion_logits, sample_completions,
 from rlmon.demo.task import TOKENIZER, Problem, RewardFunction
 
 INJECTIONS = ("none", "kl_blowup", "reward_hack")
+ALGORITHMS = ("grpo", "ppo")
+#: ``kl_coef`` by algorithm. PPO's penalty acts only through the sampled tokens' advantages, a
+#: weaker pull than GRPO's gradient of the KL term; at 0.04 its KL spiked past 0.2 in healthy runs.
+KL_COEF_DEFAULTS = {"grpo": 0.04, "ppo": 0.1}
+#: Logged only with ``--verbose`` (the seed's VERBOSE level): the finer PPO mechanics.
+VERBOSE_METRICS = ("approx_kl", "ratio_max", "grad_norm_max", "advantage_min", "advantage_max",
+                   "reward_min", "reward_max", "value_mean", "return_mean", "explained_variance",
+                   "value_grad_norm")
 #: Each token's k3 KL estimate is capped here (verl's ``low_var_kl``): k3 is unbiased but
 #: heavy-tailed, and one sampled token the reference likes far more than the policy could
 #: otherwise lift a healthy step's mean KL past the monitor's thresholds.
@@ -87,15 +103,20 @@ class DemoConfig:
     """Settings of one demo run; every rank must hold the same ones."""
 
     num_steps: int = 200
-    """GRPO steps (the loop may leave earlier when rlmon asks it to stop)."""
+    """RL steps (the loop may leave earlier when rlmon asks it to stop)."""
+    algo: str = "grpo"
+    """The RL algorithm: one of ``ALGORITHMS`` (``ppo``: :mod:`rlmon.demo.train_ppo`)."""
+    verbose: bool = False
+    """The seed's VERBOSE level: also log ``VERBOSE_METRICS`` and print every step in detail."""
     group_size: int = 8
     """Completions sampled per prompt (the G of GRPO); at least 2."""
     batch_size: int = 8
     """Prompts per rank per step."""
     lr: float = 1e-3
-    """Adam learning rate of the GRPO phase."""
-    kl_coef: float = 0.04
-    """Weight of the k3 KL(policy ‖ reference) penalty in the loss."""
+    """Adam learning rate of the RL phase (the policy's and, with PPO, the value network's)."""
+    kl_coef: float | None = None
+    """Weight of the k3 KL(policy ‖ reference) penalty: in the loss (GRPO) or in each token's
+    reward (PPO). None: the algorithm's default in ``KL_COEF_DEFAULTS``."""
     seed: int = 0
     """Seeds the model, the warm-up and (with the rank) each rank's prompts and sampling."""
     inject: str = "none"
@@ -104,6 +125,10 @@ class DemoConfig:
     """First step the injected failure is active."""
     clip_eps: float = 0.2
     """PPO clipping range of the probability ratio."""
+    value_coef: float = 0.5
+    """PPO only: weight of the value network's loss."""
+    gae_lambda: float = 0.95
+    """PPO only: the lambda of generalised advantage estimation (gamma is 1)."""
     updates_per_step: int = 2
     """Optimizer updates per rollout; the second and later ones can clip."""
     max_new_tokens: int = 24
@@ -132,6 +157,10 @@ class DemoConfig:
     after an injection starts)."""
 
     def __post_init__(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"algo must be one of {ALGORITHMS}, got {self.algo!r}")
+        if self.kl_coef is None:
+            self.kl_coef = KL_COEF_DEFAULTS[self.algo]
         if self.inject not in INJECTIONS:
             raise ValueError(f"inject must be one of {INJECTIONS}, got {self.inject!r}")
         if self.group_size < 2:
@@ -174,17 +203,26 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: 15 steps after a shorter warm-up (10-15 s)")
-    for name in ("num_steps", "group_size", "batch_size", "lr", "kl_coef", "seed", "inject_step"):
+    for name in ("num_steps", "group_size", "batch_size", "lr", "seed", "inject_step"):
         default = DemoConfig.__dataclass_fields__[name].default
         parser.add_argument(f"--{name}", type=type(default), default=None,
                             help=f"default {default}")
+    parser.add_argument("--kl_coef", type=float, default=None,
+                        help="default " + ", ".join(f"{value} ({algo})"
+                                                    for algo, value in KL_COEF_DEFAULTS.items()))
     parser.add_argument("--inject", choices=INJECTIONS, default=None,
                         help="break the run on purpose from --inject_step on (default none)")
+    parser.add_argument("--algo", choices=ALGORITHMS, default=None,
+                        help="grpo (default) or ppo (a value network, GAE, KL in the reward)")
+    parser.add_argument("--verbose", action="store_true", default=None,
+                        help="also log the finer PPO mechanics and print every step in detail")
     args = parser.parse_args(argv)
     chosen = {name: value for name, value in vars(args).items()
               if name != "quick" and value is not None}
     if args.quick:
         chosen = {"num_steps": 15, "warmup_steps": 100, "print_every": 1, **chosen}
+    if args.verbose:
+        chosen = {"print_every": 1, **chosen}
     try:
         return DemoConfig(**chosen)
     except ValueError as exc:
@@ -300,7 +338,17 @@ def grpo_loss(logits: torch.Tensor, batch: Rollout, advantages: torch.Tensor,
     policy_loss = masked_mean(policy_term, batch.mask)
     kl_mean = masked_mean(kl, batch.mask)
     return {"loss": policy_loss + kl_coef * kl_mean, "policy_loss": policy_loss, "kl": kl_mean,
-            "clip_fraction": masked_mean(clipped.float(), batch.mask)}
+            "clip_fraction": masked_mean(clipped.float(), batch.mask),
+            **policy_change(log_probs, old_log_probs, batch.mask)}
+
+
+def policy_change(log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """How far the updated policy moved from the one that sampled (detached): ``approx_kl``
+    (token mean of log old/new) and ``ratio_max`` (largest new/old probability ratio)."""
+    delta = (log_probs - old_log_probs).detach()
+    return {"approx_kl": masked_mean(-delta, mask),
+            "ratio_max": (delta.exp() * mask).max()}
 
 
 def update(model: nn.Module, reference: TinyPolicy, optimizer: torch.optim.Optimizer,
@@ -309,7 +357,7 @@ def update(model: nn.Module, reference: TinyPolicy, optimizer: torch.optim.Optim
     those of the first pass (the policy that sampled); clip fraction and gradient norm are means
     over all passes."""
     ref_log_probs = reference_log_probs(reference, batch)
-    old_log_probs, first, clip_fractions, grad_norms = None, {}, [], []
+    old_log_probs, first, clip_fractions, grad_norms, parts = None, {}, [], [], {}
     for index in range(config.updates_per_step):
         logits = completion_logits(model, batch.prompt_tokens, batch.completion_tokens,
                                    batch.temperature)
@@ -326,7 +374,8 @@ def update(model: nn.Module, reference: TinyPolicy, optimizer: torch.optim.Optim
         optimizer.step()
         clip_fractions.append(float(parts["clip_fraction"]))
     return {**first, "clip_fraction": sum(clip_fractions) / len(clip_fractions),
-            "grad_norm": sum(grad_norms) / len(grad_norms)}
+            "grad_norm": sum(grad_norms) / len(grad_norms), "grad_norm_max": max(grad_norms),
+            "approx_kl": float(parts["approx_kl"]), "ratio_max": float(parts["ratio_max"])}
 
 
 @torch.no_grad()
@@ -358,7 +407,8 @@ class GRPOTrainer:
                  monitor: rlmon.Monitor | rlmon.NullMonitor) -> None:
         self.config, self.policy, self.monitor = config, policy, monitor
         self.reference = copy.deepcopy(self.policy).requires_grad_(False)
-        self.model = DistributedDataParallel(self.policy) if world_size > 1 else self.policy
+        trainable = self.trainable()
+        self.model = DistributedDataParallel(trainable) if world_size > 1 else trainable
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.rewards = {exploitable: dict(zip(functions, monitor.wrap_rewards(
                             list(functions.values()), names=list(functions))))
@@ -367,6 +417,10 @@ class GRPOTrainer:
         self.probe_generator = torch.Generator().manual_seed(config.seed)
         self.prompt_rng = random.Random(config.seed * 1_000_003 + rank)
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 7919 * (rank + 1))
+
+    def trainable(self) -> nn.Module:
+        """The module the optimizer trains (DDP-wrapped when several ranks): the policy."""
+        return self.policy
 
     def injected(self, step: int) -> bool:
         """Whether the configured failure is active at ``step``."""
@@ -388,14 +442,18 @@ class GRPOTrainer:
         with monitor.span("reward"):
             scores = score(batch, self.rewards[settings.exploitable_reward], config.group_size)
         with monitor.span("update"):
-            stats = update(self.model, self.reference, self.optimizer, batch, scores, config,
-                           settings.kl_coef)
+            stats = self.learn(batch, scores, settings)
         metrics = step_metrics(batch, scores, stats, settings.learning_rate)
-        monitor.log(step, metrics)
+        monitor.log(step, metrics if config.verbose else without_verbose(metrics))
         if step % config.samples_every == 0:
             self.log_probe(step)
             self.log_samples(step, batch, scores)
         return metrics
+
+    def learn(self, batch: Rollout, scores: Scores, settings: StepSettings) -> dict[str, float]:
+        """The GRPO update on ``batch`` (see :func:`update`); its statistics."""
+        return update(self.model, self.reference, self.optimizer, batch, scores, self.config,
+                      settings.kl_coef)
 
     def log_probe(self, step: int) -> None:
         """Answer the fixed probe prompts almost greedily and log them: rlmon's forgetting
@@ -432,15 +490,23 @@ class GRPOTrainer:
 
 def step_metrics(batch: Rollout, scores: Scores, stats: dict[str, float],
                  learning_rate: float) -> dict[str, float]:
-    """The step's scalars as logged to rlmon (this rank's means)."""
+    """The step's scalars (this rank's means); ``stats`` (the update's) win over the group
+    advantages' figures computed here."""
+    advantages = scores.advantages
     metrics = {"reward": float(scores.total.mean()), "reward_std": float(scores.total.std()),
-               **stats, "advantage_mean": float(scores.advantages.mean()),
-               "advantage_std": float(scores.advantages.std()),
-               "response_length": float(batch.mask.sum(1).mean()),
+               "reward_min": float(scores.total.min()), "reward_max": float(scores.total.max()),
+               "advantage_mean": float(advantages.mean()), "advantage_std": float(advantages.std()),
+               "advantage_min": float(advantages.min()), "advantage_max": float(advantages.max()),
+               **stats, "response_length": float(batch.mask.sum(1).mean()),
                "frac_reward_zero_std": scores.frac_zero_std, "learning_rate": learning_rate}
     for name, values in scores.per_function.items():
         metrics[f"rewards/{name}"] = float(values.mean())
     return metrics
+
+
+def without_verbose(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` less ``VERBOSE_METRICS`` (what the default, SIMPLE level logs)."""
+    return {key: value for key, value in metrics.items() if key not in VERBOSE_METRICS}
 
 
 #: Metrics averaged over ranks every step for the console and the final summary, with their
@@ -448,6 +514,19 @@ def step_metrics(batch: Rollout, scores: Scores, stats: dict[str, float],
 SUMMARY_KEYS = {"reward": "reward", "rewards/match_format_exactly": "format_exact",
                 "rewards/match_format_approximately": "format_approx",
                 "rewards/check_answer": "answer", "rewards/check_numbers": "numbers", "kl": "kl"}
+#: With ``--verbose``, these too (those the algorithm logs), with their short console names.
+VERBOSE_SUMMARY_KEYS = {"entropy": "entropy", "clip_fraction": "clip", "approx_kl": "approx_kl",
+                        "grad_norm": "grad", "advantage_std": "adv_std", "value_loss": "value_loss",
+                        "explained_variance": "expl_var"}
+
+
+def console_keys(config: DemoConfig, metrics: dict[str, float]) -> dict[str, str]:
+    """The metrics the console shows (full name -> short name): ``SUMMARY_KEYS``, plus with
+    ``verbose`` the ``VERBOSE_SUMMARY_KEYS`` present in ``metrics``."""
+    if not config.verbose:
+        return SUMMARY_KEYS
+    return {**SUMMARY_KEYS, **{key: short for key, short in VERBOSE_SUMMARY_KEYS.items()
+                               if key in metrics}}
 
 
 def say(line: str) -> None:
@@ -456,18 +535,19 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def print_progress(step: int, means: dict[str, float], elapsed: float) -> None:
-    """One console line of the all-rank means of ``SUMMARY_KEYS``."""
-    parts = "  ".join(f"{SUMMARY_KEYS[key]} {value:+.3f}" for key, value in means.items())
+def print_progress(step: int, means: dict[str, float], names: dict[str, str],
+                   elapsed: float) -> None:
+    """One console line of the all-rank ``means``, each under its short name in ``names``."""
+    parts = "  ".join(f"{names[key]} {value:+.3f}" for key, value in means.items())
     say(f"step {step:4d}  {parts}  ({elapsed:5.1f} s)")
 
 
 def print_summary(history: list[dict[str, float]]) -> None:
-    """Mean of every summary key over the first and the last 10 steps."""
+    """Mean of every console metric over the first and the last 10 steps."""
     window = min(10, len(history))
     if window == 0:
         return
-    for key in SUMMARY_KEYS:
+    for key in history[-1]:
         first = sum(row[key] for row in history[:window]) / window
         last = sum(row[key] for row in history[-window:]) / window
         say(f"{key:36s} first {window} steps {first:+.3f}   last {window} steps {last:+.3f}")
@@ -479,13 +559,15 @@ def run(config: DemoConfig) -> None:
     rank, world_size = init_distributed()
     monitor = rlmon.init()
     started = time.perf_counter()
-    trainer = GRPOTrainer(config, warmed_up_policy(config), rank, world_size, monitor)
+    trainer = make_trainer(config, warmed_up_policy(config), rank, world_size, monitor)
     if rank == 0:
         injection = f" from step {config.inject_step}" if config.inject != "none" else ""
-        say(f"warm-up done in {time.perf_counter() - started:.1f} s; GRPO on {world_size} "
-            f"rank(s), inject={config.inject}{injection}")
+        say(f"warm-up done in {time.perf_counter() - started:.1f} s; {config.algo.upper()} on "
+            f"{world_size} rank(s), inject={config.inject}{injection}")
     history, stopped_at = train(trainer, rank, world_size, started)
     report(rank, monitor, history, stopped_at)
+    if rank == 0 and config.verbose:
+        print_ppo_summary(monitor)
     monitor.close()
     del trainer  # the DDP reducer goes before the process group it uses
     if world_size > 1:
@@ -493,20 +575,30 @@ def run(config: DemoConfig) -> None:
         dist.destroy_process_group()
 
 
+def make_trainer(config: DemoConfig, policy: TinyPolicy, rank: int, world_size: int,
+                 monitor: rlmon.Monitor | rlmon.NullMonitor) -> GRPOTrainer:
+    """The trainer of ``config.algo``: :class:`GRPOTrainer`, or PPO's subclass of it."""
+    if config.algo == "ppo":
+        from rlmon.demo.train_ppo import PPOTrainer
+
+        return PPOTrainer(config, policy, rank, world_size, monitor)
+    return GRPOTrainer(config, policy, rank, world_size, monitor)
+
+
 def train(trainer: GRPOTrainer, rank: int, world_size: int, started: float
           ) -> tuple[list[dict[str, float]], int | None]:
-    """The step loop: the all-rank means of ``SUMMARY_KEYS`` per step done, and the step at which
-    rlmon stopped the run (None when it ran all ``num_steps``)."""
+    """The step loop: the all-rank means of the console metrics (:func:`console_keys`) per step
+    done, and the step at which rlmon stopped the run (None when it ran all ``num_steps``)."""
     config, history = trainer.config, []
     for step in range(config.num_steps):
         if trainer.monitor.should_stop(step):
             return history, step
         metrics = trainer.step(step)
-        means = dict(zip(SUMMARY_KEYS, mean_over_ranks([metrics[key] for key in SUMMARY_KEYS],
-                                                       world_size)))
+        names = console_keys(config, metrics)
+        means = dict(zip(names, mean_over_ranks([metrics[key] for key in names], world_size)))
         history.append(means)
         if rank == 0 and (step % config.print_every == 0 or trainer.just_injected(step)):
-            print_progress(step, means, time.perf_counter() - started)
+            print_progress(step, means, names, time.perf_counter() - started)
     return history, None
 
 
@@ -520,6 +612,22 @@ def report(rank: int, monitor: rlmon.Monitor | rlmon.NullMonitor,
         say(f"rank {rank}: stopped at step {stopped_at} ({reason})")
     if rank == 0:
         print_summary(history)
+
+
+def print_ppo_summary(monitor: rlmon.Monitor | rlmon.NullMonitor) -> None:
+    """Print the collector's PPO-mechanics summary (the seed's ``PPOMetricsTracker`` figures,
+    the ``ppo`` query); nothing when there is no collector to ask."""
+    summary = monitor.query("ppo")
+    if not summary or "error" in summary:
+        return
+    trends = {name: summary.get(f"{name}_trend") for name in ("policy_loss", "value_loss")}
+    say(f"collector's PPO summary: avg clip fraction {summary['avg_clip_fraction']:.4f}, "
+        f"{summary['num_policy_updates']} policy updates, trends per step: "
+        + ", ".join(f"{name} {_signed(trend)}" for name, trend in trends.items()))
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.5f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
