@@ -1,0 +1,70 @@
+"""The real collector (``python -m collector``, same flags) plus a tap that records, for every
+block of steps it stores, the seconds from the rank's ``mon.log`` call of the block's last step to
+the moment the block is in the store.
+
+The collector itself keeps only a smoothed per-rank lag (``RankInfo.observe_lag``, used to size
+stop margins) and exports none of it, so the benchmark wraps that method: it is called once per
+stored block, right after the store append, with the block's last log time. The wrapper adds one
+``time.time()`` and a list append per block. On exit the samples are saved as a ``(n, 2)`` float64
+array of ``(stored at, lag seconds)`` to ``--lag-out`` (``.npy``). Also raises the open-file
+limit to its hard maximum (a collector with 1,024 ranks holds 1,024 TCP connections). Usage::
+
+    python benchmarks/lag_tap.py --lag-out lag.npy --out DIR --world-size 1024 ...
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                    else max(soft, 65536), hard))
+
+
+def install_tap() -> list[tuple[float, float]]:
+    """Wrap ``RankInfo.observe_lag``; returns the list the samples go to."""
+    from collector import ranks
+
+    samples: list[tuple[float, float]] = []
+    original = ranks.RankInfo.observe_lag
+    clock = time.time
+
+    def observe_lag(self, sent_at: float, received_at: float) -> None:
+        now = clock()
+        samples.append((now, now - sent_at))
+        original(self, sent_at, received_at)
+
+    ranks.RankInfo.observe_lag = observe_lag
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Split off ``--lag-out PATH``, run the collector with the rest, save the samples."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    index = argv.index("--lag-out")
+    lag_out = Path(argv[index + 1])
+    del argv[index:index + 2]
+    raise_open_file_limit()
+    samples = install_tap()
+    from collector.cli import main as collector_main
+
+    try:
+        return collector_main(argv)
+    finally:
+        import numpy as np
+
+        np.save(lag_out, np.array(samples, dtype=np.float64).reshape(-1, 2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Scale: many simulated ranks against one collector (part 3).
+
+For each rank count (default 64 → 256 → 1,024), a fresh lean process (it has imported only rlmon
+and pyzmq) starts one real collector (:mod:`benchmarks.lag_tap`: ``python -m collector`` plus a
+lag recorder) and forks the ranks. Each rank is its own process with its own ZeroMQ context and
+DEALER socket, made after the fork by rlmon's real publisher (``rlmon.init()`` with ``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``, ``RLMON_ENDPOINT``, ``RLMON_RUN_ID`` in its environment). All ranks
+log 32 scalars at ``--rate`` steps/s on one shared schedule for ``--seconds``, call
+``should_stop`` every step, then ``close()``.
+
+Reported per rank count: the collector's CPU (``/proc/PID/stat``) and RSS (peak), the ranks' CPU
+(``wait4``) and memory (sum of RSS, and of PSS, which splits pages shared after the fork), the
+log-to-store lag of every block (p50/p99/max, and p99 over the first and the last fifth of the
+window, to see growth), drops from the ranks' ledgers and the collector's ``/metrics``, losses
+(steps emitted minus dropped minus stored), and ranks that fell behind their schedule. A verdict
+says whether the collector kept up (p99 lag ≤ 250 ms, nothing dropped or lost).
+
+Not done: a per-node relay (a ZeroMQ ``zmq.proxy`` ROUTER→DEALER in front of the collector). The
+collector's ROUTER accepts only ``[identity, frame]``; behind such a proxy it receives
+``[relay identity, rank identity, frame]`` and rejects it as ``bad_framing``, and its replies
+(acks, stop states) would need the rank identity to route back. A relay needs that envelope in the
+protocol (``docs/protocol.md``) first. Usage::
+
+    python benchmarks/scale.py --ranks 64,256,1024 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (REPO, by_label, child_env, cpu_seconds, fmt, fork_call,  # noqa: E402
+                               int_list, percentiles, pss_bytes, reap, rss_bytes,
+                               run_json_command, sample_sum, scrape, sleep_until, standalone,
+                               status_kib, stop_process, table, write_json)
+
+DEFAULTS = {"ranks": "64,256,1024", "seconds": 30.0, "rate": 10.0, "scalars": 32,
+            "flush_interval": 0.02, "scale_rounds": 1}
+QUICK = {"ranks": "8,16", "seconds": 3.0}
+LAG_BUDGET_S = 0.25
+SCALE_NAMES = tuple(f"m{k:03d}" for k in range(254)) + ("reward", "kl")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This part's flags (None: the default, or the quick value with ``--quick``)."""
+    group = parser.add_argument_group("scale (part 3)")
+    group.add_argument("--ranks", help="comma-separated rank counts (default 64,256,1024)")
+    group.add_argument("--seconds", type=float, help="measured seconds per rank count (30)")
+    group.add_argument("--rate", type=float, help="steps per second per rank (10)")
+    group.add_argument("--scalars", type=int, help="scalars per step (32)")
+    group.add_argument("--flush-interval", type=float,
+                       help="RLMON_FLUSH_INTERVAL of the ranks (rlmon's default 0.02 s)")
+    group.add_argument("--scale-rounds", type=int, help="rounds over the rank counts (1)")
+
+
+def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Each rank count in a fresh process, rounds after rounds; the per-count records."""
+    records = []
+    for round_index in range(args.scale_rounds):
+        for ranks in int_list(args.ranks):
+            result_path = out_dir / f"scale-{ranks}-{round_index}.json"
+            command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--one", str(ranks),
+                       "--seconds", str(args.seconds), "--rate", str(args.rate),
+                       "--scalars", str(args.scalars), "--flush-interval", str(args.flush_interval),
+                       "--result", str(result_path)]
+            print(f"  scale: {ranks} ranks for {args.seconds:g} s", file=sys.stderr, flush=True)
+            outcome = run_json_command(command, timeout=args.seconds * 4 + 300 + ranks * 0.2)
+            record = _load(result_path, outcome)
+            record.update(ranks=ranks, round=round_index)
+            records.append(record)
+            result_path.unlink(missing_ok=True)
+    return {"records": records, "settings": {k: getattr(args, k) for k in DEFAULTS}}
+
+
+def _load(path: Path, outcome: dict) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"error": outcome.get("error", "no result")}
+
+
+# -- one rank count, in its own process ------------------------------------------------------------
+
+def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: float) -> dict:
+    """Collector, ``ranks`` forked ranks, the measured window, the ledgers; the record."""
+    import rlmon  # noqa: F401  (imported before the fork: the ranks share these pages)
+    import zmq  # noqa: F401
+
+    with tempfile.TemporaryDirectory(prefix="rlmon-scale-") as tmp:
+        tmp_path = Path(tmp)
+        max_series = series_needed(ranks, scalars)
+        collector, info = _start_tapped_collector(tmp_path, ranks, max_series)
+        try:
+            start_delay = 2.0 + 0.006 * ranks
+            plan = {"world": ranks, "endpoint": info["endpoint"], "t0": time.time() + start_delay,
+                    "steps": int(seconds * rate), "period": 1.0 / rate, "scalars": scalars,
+                    "flush": flush, "dir": str(tmp_path / "ranks"), "run_id": "bench-scale"}
+            (tmp_path / "ranks").mkdir()
+            pids = [fork_call(rank_main, rank, plan) for rank in range(ranks)]
+            window = _watch(collector.pid, pids, plan, seconds)
+            rank_cpu, unreaped = reap(pids, timeout=60 + 0.05 * ranks)
+            collected = _quiescent_metrics(info["metrics_url"])
+        finally:
+            finalize_s = stop_process(collector, timeout=600)
+        lag = _lag_stats(tmp_path / "lag.npy", plan["t0"], plan["t0"] + seconds)
+        ledgers = _ledgers(tmp_path / "ranks", ranks)
+    return {**window, **collected, **ledgers, "lag": lag, "ranks_cpu_s": rank_cpu,
+            "ranks_unreaped": unreaped, "collector_finalize_s": finalize_s,
+            "steps_per_rank": plan["steps"], "scalars": scalars, "rate": rate, "seconds": seconds,
+            "flush_interval": flush, "max_series": max_series}
+
+
+def series_needed(ranks: int, scalars: int) -> int:
+    """``--max-series`` that holds every (metric, rank) series plus the cross-rank ones: the
+    default (4,096) is too small past 120 ranks of 32 scalars, and the collector would reject
+    (and count as ``series_limit``) the blocks of new series."""
+    return max(4096, ranks * scalars + 4 * scalars + 64)
+
+
+def _start_tapped_collector(tmp: Path, ranks: int, max_series: int
+                            ) -> tuple[subprocess.Popen, dict]:
+    from rlmon.launch import wait_for_collector
+
+    out = tmp / "collector"
+    command = [sys.executable, str(REPO / "benchmarks" / "lag_tap.py"), "--lag-out",
+               str(tmp / "lag.npy"), "--out", str(out), "--quiet", "--world-size", str(ranks),
+               "--max-series", str(max_series), "--visualization-frequency", "0",
+               "--run-id", "bench-scale"]
+    out.mkdir(parents=True)
+    process = subprocess.Popen(command, env=child_env(), stdin=subprocess.DEVNULL, cwd=REPO)
+    return process, wait_for_collector(out / "collector.json", process, 180)
+
+
+def rank_main(rank: int, plan: dict) -> int:
+    """A simulated rank (in a forked child): rlmon's real publisher, the shared schedule."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % 8), WORLD_SIZE=str(plan["world"]),
+                      RLMON_ENDPOINT=plan["endpoint"], RLMON_RUN_ID=plan["run_id"],
+                      RLMON_FLUSH_INTERVAL=str(plan["flush"]))
+    import rlmon
+
+    mon = rlmon.init()
+    names = SCALE_NAMES[-plan["scalars"]:]
+    late, worst, t0, period = 0, 0.0, plan["t0"], plan["period"]
+    for step in range(plan["steps"]):
+        delay = t0 + step * period - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            late, worst = late + 1, max(worst, -delay)
+        mon.log(step, {name: 0.01 + 1e-4 * ((step * 7 + k) % 13) for k, name in enumerate(names)})
+        mon.should_stop(step)
+    mon.close()
+    stats = mon.statistics()
+    stats.update(seq=getattr(mon._publisher, "_seq", None), late_steps=late, worst_behind_s=worst)
+    Path(plan["dir"], f"{rank}.json").write_text(json.dumps(stats))
+    return 0
+
+
+def _watch(collector_pid: int, pids: list[int], plan: dict, seconds: float) -> dict[str, Any]:
+    """Collector CPU over the window, its RSS every 0.5 s, the ranks' memory at the midpoint."""
+    sleep_until(plan["t0"])
+    cpu_start, started = cpu_seconds(collector_pid), time.monotonic()
+    rss_peak, memory = 0, {}
+    end = plan["t0"] + seconds
+    while time.time() < end:
+        rss_peak = max(rss_peak, rss_bytes(collector_pid) or 0)
+        if not memory and time.time() >= plan["t0"] + seconds / 2:
+            memory = _ranks_memory(pids)
+        time.sleep(min(0.5, max(0.0, end - time.time())))
+    cpu_used = (cpu_seconds(collector_pid) or 0) - (cpu_start or 0)
+    window = time.monotonic() - started
+    return {"collector_cpu_percent": 100 * cpu_used / window, "collector_rss_peak_mb":
+            max(rss_peak, 1024 * (status_kib(collector_pid, "VmHWM") or 0)) / 2**20,
+            "collector_rss_end_mb": (rss_bytes(collector_pid) or 0) / 2**20, **memory}
+
+
+def _ranks_memory(pids: list[int]) -> dict[str, float]:
+    rss = [rss_bytes(pid) or 0 for pid in pids]
+    pss = [pss_bytes(pid) or 0 for pid in pids]
+    return {"ranks_rss_sum_mb": sum(rss) / 2**20, "ranks_pss_sum_mb": sum(pss) / 2**20,
+            "rank_rss_mb": (sum(rss) / len(rss)) / 2**20 if rss else 0.0}
+
+
+def _quiescent_metrics(url: str) -> dict[str, Any]:
+    """The collector's counts once nothing more arrives (two equal scrapes 0.6 s apart)."""
+    previous, text = None, ""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = scrape(url, timeout=30)
+        batches = sample_sum(text, "rlmon_batches_received_total")
+        if batches == previous:
+            break
+        previous = batches
+        time.sleep(0.6)
+    return {"collector_batches": sample_sum(text, "rlmon_batches_received_total"),
+            "collector_scalars": sample_sum(text, "rlmon_scalars_received_total"),
+            "collector_dropped": by_label(text, "rlmon_dropped_events_total", "reason"),
+            "collector_rejected": by_label(text, "rlmon_frames_rejected_total", "reason"),
+            "ranks_known": sample_sum(text, "rlmon_ranks_known")}
+
+
+def _lag_stats(path: Path, start: float, end: float) -> dict[str, Any]:
+    """Percentiles of the log-to-store lag of blocks stored in the window (plus 1 s)."""
+    import numpy as np
+
+    try:
+        samples = np.load(path)
+    except OSError:
+        return {"n": 0}
+    inside = samples[(samples[:, 0] >= start) & (samples[:, 0] <= end + 1.0)]
+    if not len(inside):
+        return {"n": 0}
+    lags = inside[:, 1]
+    fifth = (end - start) / 5
+    first = inside[inside[:, 0] < start + fifth][:, 1]
+    last = inside[inside[:, 0] >= end - fifth][:, 1]
+    stats = {k: float(v) for k, v in percentiles(lags.tolist()).items()}
+    stats["p99_first_fifth"] = float(np.quantile(first, 0.99)) if len(first) else None
+    stats["p99_last_fifth"] = float(np.quantile(last, 0.99)) if len(last) else None
+    return stats
+
+
+def _ledgers(directory: Path, ranks: int) -> dict[str, Any]:
+    """Totals of the ranks' ledgers."""
+    files = [directory / f"{rank}.json" for rank in range(ranks)]
+    stats = [json.loads(f.read_text()) for f in files if f.exists()]
+    dropped: dict[str, int] = {}
+    for s in stats:
+        for reason, count in s["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    return {"ranks_reported": len(stats), "emitted": sum(s["emitted"] for s in stats),
+            "ranks_dropped": dropped,
+            "unacked_batches": sum((s["seq"] or 0) - s["acked_seq"] for s in stats),
+            "late_steps": sum(s["late_steps"] for s in stats),
+            "ranks_behind": sum(1 for s in stats if s["late_steps"]),
+            "worst_behind_s": max((s["worst_behind_s"] for s in stats), default=0.0)}
+
+
+# -- summaries -------------------------------------------------------------------------------------
+
+def verdict(record: dict[str, Any]) -> str:
+    """Whether one collector kept up at this rank count, and why not."""
+    if "error" in record:
+        return f"error: {record['error'][:200]}"
+    problems = []
+    lag = record.get("lag", {})
+    if lag.get("p99") is None or lag["p99"] > LAG_BUDGET_S:
+        problems.append(f"p99 lag {lag.get('p99', float('nan')):.3f} s > {LAG_BUDGET_S} s")
+    first, last = lag.get("p99_first_fifth"), lag.get("p99_last_fifth")
+    if first and last and last > 2 * first and last > 0.05:
+        problems.append(f"lag grows ({first:.3f} → {last:.3f} s)")
+    lost = loss_steps(record)
+    if lost:
+        problems.append(f"{lost:,.0f} steps lost")
+    if sum(record.get("ranks_dropped", {}).values()):
+        problems.append(f"drops {record['ranks_dropped']}")
+    if record.get("collector_rejected"):
+        problems.append(f"collector rejected frames {record['collector_rejected']}")
+    if record.get("ranks_unreaped"):
+        problems.append(f"{record['ranks_unreaped']} ranks had to be killed")
+    if record.get("ranks_behind"):
+        problems.append(f"{record['ranks_behind']} ranks fell behind schedule (the host, not the "
+                        f"collector, may be saturated)")
+    return "kept up" if not problems else "; ".join(problems)
+
+
+def loss_steps(record: dict[str, Any]) -> float:
+    """Steps emitted by the ranks, minus dropped (counted), minus stored by the collector."""
+    scalars = record.get("scalars") or 1
+    counted = sum(v for k, v in record.get("ranks_dropped", {}).items()
+                  if k in ("send_full", "bad_value"))
+    return record.get("emitted", 0) - counted - record.get("collector_scalars", 0) / scalars
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The scale table and the per-count verdicts."""
+    s = results["settings"]
+    rows = []
+    for r in results["records"]:
+        lag = r.get("lag", {})
+        rows.append([r["ranks"], r.get("round"), r.get("collector_cpu_percent"),
+                     r.get("collector_rss_peak_mb"), _ms(lag.get("p50")), _ms(lag.get("p99")),
+                     _ms(lag.get("max")), f"{fmt(_ms(lag.get('p99_first_fifth')))} → "
+                     f"{fmt(_ms(lag.get('p99_last_fifth')))}", r.get("emitted"),
+                     sum(r.get("ranks_dropped", {}).values()) if "emitted" in r else None,
+                     loss_steps(r) if "emitted" in r else None, r.get("ranks_cpu_s"),
+                     r.get("ranks_pss_sum_mb"), r.get("ranks_rss_sum_mb"), verdict(r)])
+    return ("## Scale: simulated ranks against one collector\n\n"
+            f"Each rank a forked process with its own DEALER socket (rlmon's publisher), "
+            f"{s['scalars']} scalars at {s['rate']:g} steps/s for {s['seconds']:g} s, flush "
+            f"interval {s['flush_interval']:g} s; collector with `--visualization-frequency 0` "
+            "and `--max-series` raised to hold every (metric, rank) series. "
+            "Lag: from the `mon.log` call of a block's last step to the block in the store "
+            "(includes the flush interval). Collector CPU: % of one core over the window. "
+            "Ranks' memory: sum over ranks at mid-window (PSS divides the pages shared after the "
+            "fork).\n\n" + table(
+                ["ranks", "round", "collector CPU %", "collector RSS peak MB", "lag p50 ms",
+                 "lag p99 ms", "lag max ms", "p99 first → last fifth ms", "steps emitted",
+                 "dropped", "lost", "ranks CPU s", "ranks PSS MB", "ranks RSS MB", "verdict"], rows)
+            + "\nPer-node relay (ZeroMQ proxy in front of the collector): **not done** — see "
+              "`benchmarks/scale.py`'s docstring (the collector's ROUTER takes only "
+              "`[identity, frame]`; a relay needs a routing envelope in the protocol first).\n")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``scale_lag.png``: p50 / p99 / max log-to-store lag (and collector CPU) by rank count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = sorted((r for r in results["records"] if r.get("lag", {}).get("n")),
+                  key=lambda r: r["ranks"])
+    if not good:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    xs = [r["ranks"] for r in good]
+    for key, style in (("p50", "o-"), ("p99", "s-"), ("max", "^--")):
+        ax.plot(xs, [r["lag"][key] * 1e3 for r in good], style, label=f"lag {key}")
+    ax.axhline(LAG_BUDGET_S * 1e3, color="red", linestyle=":", label="p99 budget 250 ms")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("simulated ranks")
+    ax.set_ylabel("log → store lag, ms")
+    ax.set_title("Collector lag and CPU against rank count")
+    cpu = ax.twinx()
+    cpu.plot(xs, [r.get("collector_cpu_percent", 0) for r in good], "k:", marker="x",
+             label="collector CPU % (right)")
+    cpu.set_ylabel("collector CPU, % of one core")
+    cpu.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    extra = cpu.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper left")
+    fig.tight_layout()
+    path = out_dir / "scale_lag.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run this part alone, or (``--one N --result PATH``) one rank count in this process."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--one" in argv:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--one", type=int, required=True)
+        parser.add_argument("--result", type=Path, required=True)
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+        record = measure_one(args.one, args.seconds, args.rate, args.scalars, args.flush_interval)
+        write_json(args.result, record)
+        return None
+    return standalone("scale", __doc__, add_arguments, DEFAULTS, QUICK, run, markdown, argv)
+
+
+if __name__ == "__main__":
+    main()
