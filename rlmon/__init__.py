@@ -32,7 +32,9 @@ __version__ = "0.1.0"
 #: The seeds' API (:mod:`rlmon.seed`), imported on first use so ``import rlmon`` stays light.
 SEED_NAMES = ("TrainingMonitor", "TrainingEvent", "TrainingPhase", "TrainingCallback",
               "VerbosityLevel", "MetricsStore", "SampleComparator", "QualityAnalyzer",
-              "QualityAlert", "PPOMetricsTracker", "PlotManager", "ReportGenerator")
+              "QualityAlert", "PPOMetricsTracker", "PlotManager", "ReportGenerator",
+              "setup_grpo_monitoring", "GRPOMonitoringIntegration", "RewardMonitor",
+              "RewardMetricsLogger", "RewardVisualizer")
 __all__ = ["init", "get", "Monitor", "NullMonitor", "RankConfig", "ConfigError", "RlmonError",
            "__version__", *SEED_NAMES]
 
@@ -43,13 +45,17 @@ _current: Monitor | NullMonitor | None = None
 
 
 def __getattr__(name: str) -> Any:
-    """Load the seed-compatible names from :mod:`rlmon.seed` on first access."""
+    """Load the seed-compatible names from :mod:`rlmon.seed`, and ``RlmonCallback`` from
+    :mod:`rlmon.integrations.transformers`, on first access."""
     if name in SEED_NAMES:
         import rlmon.seed
 
         value = getattr(rlmon.seed, name)
         globals()[name] = value
         return value
+    if name == "RlmonCallback":  # imports transformers: only on first use, never at import rlmon
+        from rlmon.integrations.transformers import RlmonCallback
+        return RlmonCallback
     raise AttributeError(f"module 'rlmon' has no attribute {name!r}")
 
 
