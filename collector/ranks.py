@@ -141,7 +141,8 @@ class RankInfo:
         """An immutable copy for exporters."""
         return RankSnapshot(self.rank, self.local_rank, self.host, self.pid, self.incarnation,
                             self.last_step, self.last_seen, self.batches, self.scalars,
-                            MappingProxyType(dict(self.ledger_dropped)), self.closed)
+                            MappingProxyType(dict(self.ledger_dropped)), self.closed,
+                            self.lag_seconds)
 
 
 class RankTable:

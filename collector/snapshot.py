@@ -80,6 +80,9 @@ class RankSnapshot:
     scalars_received: int
     dropped_by_reason: Mapping[str, int]
     closed: bool
+    lag_seconds: float = 0.0
+    """Smoothed seconds from the rank's log call to the collector's store (its clock vs ours),
+    holding the worst recent value."""
 
 
 @dataclass(frozen=True, slots=True)

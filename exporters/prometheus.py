@@ -393,6 +393,8 @@ def _rank_families(ranks: Iterable[RankSnapshot]) -> Iterator[Metric]:
     incarnation = _gauge("rlmon_rank_incarnation", "The rank's current incarnation (restarts).",
                          ["rank"])
     closed = _gauge("rlmon_rank_closed", "1 when the rank closed cleanly, else 0.", ["rank"])
+    lag = _gauge("rlmon_rank_lag_seconds", "Seconds from the rank's log call to the collector's "
+                 "store (smoothed, holding the worst recent value; includes clock skew).", ["rank"])
     batches = _counter("rlmon_rank_batches_received_total", "Batches received from the rank.",
                        ["rank"])
     scalars = _counter("rlmon_rank_scalars_received_total",
@@ -408,11 +410,12 @@ def _rank_families(ranks: Iterable[RankSnapshot]) -> Iterator[Metric]:
             seen.add_metric([label], rank.last_seen)
         incarnation.add_metric([label], float(rank.incarnation))
         closed.add_metric([label], float(rank.closed))
+        lag.add_metric([label], float(rank.lag_seconds))
         _add_count(batches, [label], rank.batches_received)
         _add_count(scalars, [label], rank.scalars_received)
         for reason in sorted(rank.dropped_by_reason):
             _add_count(dropped, [label, reason], rank.dropped_by_reason[reason])
-    yield from (info, step, seen, incarnation, closed, batches, scalars, dropped)
+    yield from (info, step, seen, incarnation, closed, lag, batches, scalars, dropped)
 
 
 def _alert_families(snap: CollectorSnapshot) -> Iterator[Metric]:

@@ -8,8 +8,10 @@ Nothing here blocks on the network or raises into training; problems become coun
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import sys
 import time
@@ -331,6 +333,10 @@ class Monitor:
     def _start_child_sender(self) -> None:
         del self.log, self.log_samples  # back to the class's methods
         self._publisher.start()
+        # A multiprocessing child (a DataLoader worker) ends with os._exit after its finalizers,
+        # skipping atexit: close (flush, BYE with the ledger) from a finalizer as well.
+        atexit.register(self.close)
+        multiprocessing.util.Finalize(self, self.close, exitpriority=100)
 
     def _log_in_forked_child(self, step: int, metrics: Mapping[str, Any]) -> None:
         self._start_child_sender()

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -356,12 +356,18 @@ class Publisher:
                 self.checkpoint_offer = offer
 
     def _say_goodbye(self, sock: zmq.Socket) -> None:
-        """Final flush, then BYE with the ledger; wait a bounded time for its acknowledgement."""
+        """Final flush; wait (within ``close_timeout``) for the held batches' acknowledgements so
+        the BYE's ledger says what the collector holds; then BYE, and wait for its ACK."""
+        deadline = time.monotonic() + self.config.close_timeout
         self._flush(sock)
+        self._wait_until(sock, deadline, lambda: not self.resend.batches)
         self._send(sock, self._message(Kind.BYE, seq=self._seq, step=self.current_step,
                                        ledger=self.ledger.as_wire()))
-        deadline = time.monotonic() + self.config.close_timeout
-        while not self._bye_acked.is_set():
+        self._wait_until(sock, deadline, self._bye_acked.is_set)
+
+    def _wait_until(self, sock: zmq.Socket, deadline: float, done: Callable[[], bool]) -> None:
+        """Read replies until ``done()`` or the deadline."""
+        while not done():
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 return
