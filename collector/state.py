@@ -432,7 +432,9 @@ class CollectorState:
         self._store_aggregates(done, runs)
         findings: list[Finding] = []
         for metric, rows in runs:
-            detectors = self._detectors_watching(metric)
+            detectors = self._detectors_for.get(metric)
+            if detectors is None:
+                detectors = self._detectors_watching(metric)
             if not detectors:
                 continue
             steps, means = done.step[rows], done.mean[rows]

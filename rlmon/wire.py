@@ -240,10 +240,22 @@ def _packed_block_of(keys: Any, steps: Any, times: Any, values: bytes) -> Block:
 def _check_keys(keys: list[Any], n_steps: int) -> None:
     if len(keys) > MAX_KEYS_PER_BLOCK or n_steps > MAX_STEPS_PER_BLOCK:
         raise FrameRejected("bad_block", "too many keys or steps")
+    try:
+        if tuple(keys) in _VALID_KEY_SETS:
+            return  # a rank sends the same key set batch after batch: checked once
+    except TypeError:  # an unhashable key (a list, a map): refused below
+        pass
     if not all(isinstance(k, str) and 0 < len(k) <= MAX_NAME_LENGTH for k in keys):
         raise FrameRejected("bad_block", "keys must be non-empty strings")
     if len(set(keys)) != len(keys):
         raise FrameRejected("bad_block", "duplicate keys")
+    if len(_VALID_KEY_SETS) >= 4096:
+        _VALID_KEY_SETS.clear()
+    _VALID_KEY_SETS.add(tuple(keys))
+
+
+#: Key sets already found valid (bounded; cleared when full).
+_VALID_KEY_SETS: set[tuple[str, ...]] = set()
 
 
 def _check_samples(samples: Any) -> None:
