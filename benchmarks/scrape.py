@@ -83,6 +83,7 @@ def feed(endpoint: str, ranks: int, metrics: int, steps: int):
 
     names = [f"m{k:03d}" for k in range(metrics - 2)] + ["reward", "kl"]
     context = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, ranks + 64)  # the default (1,023) is below 1,024 ranks
     sockets = []
     for rank in range(ranks):
         sock = context.socket(zmq.DEALER)

@@ -113,6 +113,7 @@ class CollectorService:
         """Claim the run directory, open the log, bind the socket and the metrics endpoint, and
         write ``collector.json`` (the ready signal)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        raise_open_file_limit()
         self._claim_directory()
         kernels.warm_up()  # compile or load the Numba cache before declaring readiness
         self.replayed_records = self._replay_log()
@@ -473,6 +474,21 @@ class StepRenderer:
                 os._exit(code)
         self.child = pid
         self.rendered.append(step)
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each connected rank holds a TCP
+    socket, and the usual soft limit (1,024) is below a thousand ranks plus the collector's own
+    files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else max(soft, 1 << 20), hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit above %d", soft)
 
 
 def message_time(message: wire.Message) -> float:

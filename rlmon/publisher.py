@@ -252,11 +252,19 @@ class Publisher:
             self.curve.apply(sock)
 
     def _loop(self, sock: zmq.Socket) -> None:
-        interval_ms = max(1, int(self.config.flush_interval * 1000))
+        """Read replies as they come; flush on a fixed cadence. (Flushing on every reply made
+        each ACK trigger the next small batch: a batch/ACK ping-pong that kept this thread, and
+        the GIL, busy between the training thread's calls.)"""
+        interval = self.config.flush_interval
+        next_flush = time.monotonic()
         while not self._closing.is_set():
-            if sock.poll(interval_ms, zmq.POLLIN):
+            wait_ms = max(0, int((next_flush - time.monotonic()) * 1000) + 1)
+            if sock.poll(wait_ms, zmq.POLLIN):
                 self._receive_all(sock)
-            self._flush(sock)
+            now = time.monotonic()
+            if now >= next_flush:
+                self._flush(sock)
+                next_flush = now + interval
 
     def _flush(self, sock: zmq.Socket) -> None:
         """Send control messages, samples and pending steps; a heartbeat when idle."""
