@@ -110,12 +110,17 @@ class ResendBuffer:
     collector restart (or a batch lost in flight) the unacknowledged ones are sent again, in
     order, with their original ``seq``, and the collector drops the ones it already holds."""
 
+    #: Longest wait between two re-sends while the collector acknowledges nothing.
+    MAX_BACKOFF = 30.0
+
     def __init__(self, ledger: Ledger, max_batches: int, max_bytes: int, resend_after: float) -> None:
         self.ledger = ledger
         self.max_batches, self.max_bytes, self.resend_after = max_batches, max_bytes, resend_after
         self.batches: collections.OrderedDict[int, SentBatch] = collections.OrderedDict()
         self.bytes = 0
-        self._last_resend = 0.0
+        self.resends = 0
+        self._last_event = 0.0  # the last ACK that made progress, or the last re-send
+        self._backoff = resend_after
 
     def floor(self, next_seq: int) -> int:
         """The lowest ``seq`` still held (``next_seq`` when none): every batch below it is
@@ -135,23 +140,29 @@ class ResendBuffer:
 
     def acknowledge(self, seq: int) -> None:
         """The collector durably holds every batch up to ``seq``."""
+        progress = False
         while self.batches and next(iter(self.batches)) <= seq:
             _, batch = self.batches.popitem(last=False)
             self._forget(batch)
             self.ledger.acked += batch.steps
+            progress = True
+        if progress:  # the collector is alive and keeping up, if slowly: no re-send needed
+            self._last_event, self._backoff = time.monotonic(), self.resend_after
 
     def due(self, now: float) -> list[SentBatch]:
-        """Batches to hand to ZeroMQ now, in order: the ones it refused before, or all of them
-        when the oldest waited ``resend_after`` seconds for an acknowledgement."""
+        """Batches to hand to ZeroMQ now, in order: the ones it refused before; or, when no
+        acknowledgement made progress for ``resend_after`` seconds after the oldest was sent,
+        all of them, again after 2×, 4×… that wait (up to :data:`MAX_BACKOFF`) while none comes.
+        A collector that is slow but acknowledging is never sent duplicates."""
         unsent = [b for b in self.batches.values() if b.sent_at is None]
         if unsent:
             return unsent
         oldest = next(iter(self.batches.values()), None)
-        if oldest is None or now - oldest.sent_at < self.resend_after:
+        if oldest is None or now - max(oldest.sent_at, self._last_event) < self._backoff:
             return []
-        if now - self._last_resend < self.resend_after:
-            return []
-        self._last_resend = now
+        self._last_event = now
+        self._backoff = min(2 * self._backoff, self.MAX_BACKOFF)
+        self.resends += 1
         return list(self.batches.values())
 
     def _forget(self, batch: SentBatch) -> None:

@@ -266,3 +266,30 @@ def _plain(block: list) -> list:
     decoded = wire._block_of(block)
     values = decoded.values.tolist() if decoded.packed else decoded.values
     return [decoded.keys, decoded.steps.tolist(), decoded.times.tolist(), values]
+
+
+def test_resend_buffer_resends_only_when_acknowledgements_stall(monkeypatch):
+    """Held batches go out again only after resend_after seconds without ACK progress, then
+    after twice as long; a slow but acknowledging collector gets no duplicates; past the bound
+    the oldest batch is dropped and counted."""
+    from rlmon.publisher import Ledger, ResendBuffer
+
+    clock = [100.0]
+    monkeypatch.setattr("rlmon.publisher.time.monotonic", lambda: clock[0])
+    ledger = Ledger()
+    buffer = ResendBuffer(ledger, max_batches=3, max_bytes=10**6, resend_after=2.0)
+    for seq in (1, 2):
+        buffer.add(seq, b"x" * 10, steps=4)
+    for batch in buffer.due(clock[0]):  # never sent yet: due at once
+        batch.sent_at = clock[0]
+    assert buffer.due(101.0) == [] and ledger.unacked == 8
+    clock[0] = 101.5
+    buffer.acknowledge(1)  # progress: the collector is alive
+    assert ledger.acked == 4 and ledger.unacked == 4
+    assert buffer.due(103.0) == []  # 1.5 s since the progress
+    assert len(buffer.due(103.6)) == 1 and buffer.due(105.0) == []  # re-sent; next after 4 s
+    assert len(buffer.due(107.7)) == 1 and buffer.resends == 2
+    for seq in (3, 4, 5):
+        buffer.add(seq, b"y" * 10, steps=1)
+    assert list(buffer.batches) == [3, 4, 5] and ledger.dropped == {"resend_overflow": 4}
+    assert ledger.unacked == 3
