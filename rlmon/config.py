@@ -63,8 +63,9 @@ class RankConfig:
     """Unacknowledged batches a rank holds for re-sending (the oldest is dropped, counted, past it)."""
     resend_bytes: int = 64 * 1024 * 1024
     """Bytes of unacknowledged batches a rank holds for re-sending."""
-    resend_after: float = 2.0
-    """Seconds without an acknowledgement before the held batches are sent again."""
+    resend_after: float = 30.0
+    """Seconds without any acknowledgement making progress before the held batches are sent
+    again anyway (then 2×, 4×… up to 30 s apart). A reconnection re-sends them at once."""
     stop_sync_every: int = 0
     """If > 0, agree on stops through a torch.distributed MAX all-reduce every K steps."""
 

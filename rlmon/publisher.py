@@ -100,6 +100,7 @@ class SentBatch:
     frame: bytes
     steps: int
     sent_at: float | None
+    sends: int = 0
 
 
 class ResendBuffer:
@@ -111,7 +112,7 @@ class ResendBuffer:
     order, with their original ``seq``, and the collector drops the ones it already holds."""
 
     #: Longest wait between two re-sends while the collector acknowledges nothing.
-    MAX_BACKOFF = 30.0
+    MAX_BACKOFF = 120.0
 
     def __init__(self, ledger: Ledger, max_batches: int, max_bytes: int, resend_after: float) -> None:
         self.ledger = ledger
@@ -165,6 +166,14 @@ class ResendBuffer:
         self.resends += 1
         return list(self.batches.values())
 
+    def mark_unsent(self) -> None:
+        """After a reconnection: every held batch goes out again, in order (the collector drops
+        the ones it already holds)."""
+        if self.batches:
+            self.resends += 1
+        for batch in self.batches.values():
+            batch.sent_at = None
+
     def _forget(self, batch: SentBatch) -> None:
         self.bytes -= len(batch.frame)
         self.ledger.unacked -= batch.steps
@@ -193,6 +202,7 @@ class Publisher:
         self.checkpoint_offer: StopOffer | None = None
         self.current_step = -1
         self._seq = 0
+        self._connected_before = False
         self._closing = threading.Event()
         self._bye_acked = threading.Event()
         self._last_send = 0.0
@@ -242,15 +252,19 @@ class Publisher:
     def _run(self) -> None:
         context = zmq.Context(io_threads=1)
         sock = context.socket(zmq.DEALER)
+        connections = None
         try:
             self._configure(sock)
+            connections = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
             sock.connect(self.endpoint)
             self._send(sock, self._hello())
-            self._loop(sock)
+            self._loop(sock, connections)
             self._say_goodbye(sock)
         except Exception:  # the sender must never take the process down
             log.exception("rlmon publisher stopped")
         finally:
+            if connections is not None:
+                connections.close(linger=0)
             sock.close(linger=0)
             context.term()
 
@@ -262,16 +276,24 @@ class Publisher:
         if self.curve is not None:
             self.curve.apply(sock)
 
-    def _loop(self, sock: zmq.Socket) -> None:
+    def _loop(self, sock: zmq.Socket, connections: zmq.Socket) -> None:
         """Read replies as they come; flush on a fixed cadence. (Flushing on every reply made
         each ACK trigger the next small batch: a batch/ACK ping-pong that kept this thread, and
-        the GIL, busy between the training thread's calls.)"""
+        the GIL, busy between the training thread's calls.) A new TCP connection after the first
+        (the collector restarted, or the link was reset) re-sends every unacknowledged batch:
+        what was in flight on the old connection may be lost; on a live one ZeroMQ loses nothing."""
         interval = self.config.flush_interval
         next_flush = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(connections, zmq.POLLIN)
         while not self._closing.is_set():
             wait_ms = max(0, int((next_flush - time.monotonic()) * 1000) + 1)
-            if sock.poll(wait_ms, zmq.POLLIN):
+            ready = dict(poller.poll(wait_ms))
+            if sock in ready:
                 self._receive_all(sock)
+            if connections in ready:
+                self._on_connection_events(connections)
             now = time.monotonic()
             if now >= next_flush:
                 self._flush(sock)
@@ -295,6 +317,16 @@ class Publisher:
         if time.monotonic() - self._last_send >= self.config.heartbeat_interval:
             self._send(sock, self._message(Kind.HEARTBEAT, step=self.current_step, t=time.time(),
                                            ledger=self.ledger.as_wire()))
+
+    def _on_connection_events(self, connections: zmq.Socket) -> None:
+        while True:
+            try:
+                connections.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self._connected_before:
+                self.resend.mark_unsent()
+            self._connected_before = True
 
     def _send_batch(self, sock: zmq.Socket, records: list, samples: list,
                     rewards: list | None = None) -> None:
@@ -323,8 +355,9 @@ class Publisher:
         for batch in self.resend.due(now):
             if not self._send_frame(sock, batch.frame):
                 return
-            if batch.sent_at is None:
+            if not batch.sends:
                 self.ledger.batches_sent += 1
+            batch.sends += 1
             batch.sent_at = now
 
     def _send(self, sock: zmq.Socket, message: dict[str, Any]) -> bool:
