@@ -73,6 +73,7 @@ def test_collector_killed_mid_run_is_restarted_by_launch_and_nothing_acknowledge
     for rank in (0, 1):
         assert read_json(tmp_path / "ranks" / f"rank{rank}.json")["last_step"] == 599
     verdict = _verify(out, "--require-bye")
+    print("collector killed and restarted:\n" + verdict.stdout)
     assert verdict.returncode == 0, verdict.stdout + verdict.stderr
     report = read_json(out / "training_report.json")
     assert report["metrics"]["loss"]["count"] >= 500  # steps from before and after the restart
@@ -98,6 +99,7 @@ def test_a_frozen_collector_costs_the_ranks_nothing_and_loses_nothing(tmp_path):
     print("log() while the collector was frozen: max", round(summary["log_max_us"]), "µs, median",
           round(summary["log_median_us"], 2), "µs; ledger", summary["ledger"])
     verdict = _verify(out, "--require-bye")
+    print("collector frozen:\n" + verdict.stdout)
     assert verdict.returncode == 0, verdict.stdout
 
 
