@@ -34,6 +34,9 @@ log = logging.getLogger("rlmon")
 
 #: Most steps encoded into one batch frame; more pending steps go into further batches.
 MAX_STEPS_PER_BATCH = 512
+#: Longest wait between two flushes while nothing is queued (the wait doubles from
+#: ``flush_interval`` up to this, and drops back as soon as something is logged).
+IDLE_FLUSH_INTERVAL = 0.1
 #: Reward values (summed over ``rv`` entries) put into one batch frame: about 1 MB of msgpack.
 MAX_REWARD_VALUES_PER_BATCH = 131_072
 
@@ -166,6 +169,10 @@ class ResendBuffer:
         self.resends += 1
         return list(self.batches.values())
 
+    def has_unsent(self) -> bool:
+        """True when a held batch waits to be handed to ZeroMQ."""
+        return any(batch.sent_at is None for batch in self.batches.values())
+
     def mark_unsent(self) -> None:
         """After a reconnection: every held batch goes out again, in order (the collector drops
         the ones it already holds)."""
@@ -282,7 +289,7 @@ class Publisher:
         the GIL, busy between the training thread's calls.) A new TCP connection after the first
         (the collector restarted, or the link was reset) re-sends every unacknowledged batch:
         what was in flight on the old connection may be lost; on a live one ZeroMQ loses nothing."""
-        interval = self.config.flush_interval
+        interval = wait = self.config.flush_interval
         next_flush = time.monotonic()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -296,8 +303,12 @@ class Publisher:
                 self._on_connection_events(connections)
             now = time.monotonic()
             if now >= next_flush:
+                busy = self._has_work()
                 self._flush(sock)
-                next_flush = now + interval
+                # Idle, the thread wakes less and less often (up to every IDLE_FLUSH_INTERVAL):
+                # a thousand idle ranks on a host should not cost it 50 wake-ups a second each.
+                wait = interval if busy else min(2 * wait, IDLE_FLUSH_INTERVAL)
+                next_flush = now + max(wait, interval)
 
     def _flush(self, sock: zmq.Socket) -> None:
         """Send control messages, samples and pending steps; a heartbeat when idle."""
@@ -317,6 +328,12 @@ class Publisher:
         if time.monotonic() - self._last_send >= self.config.heartbeat_interval:
             self._send(sock, self._message(Kind.HEARTBEAT, step=self.current_step, t=time.time(),
                                            ledger=self.ledger.as_wire()))
+
+    def _has_work(self) -> bool:
+        """Anything queued to send (steps, samples, reward values, control messages, queries,
+        batches ZeroMQ refused)?"""
+        return bool(self.pending or self.samples or self.reward_values or self.outbox
+                    or self.queries or self.resend.has_unsent())
 
     def _on_connection_events(self, connections: zmq.Socket) -> None:
         while True:
