@@ -222,7 +222,10 @@ def replay(out_dir: Path, kl_threshold: float = 0.1) -> CollectorState:
             continue
         when = message_time(message)
         first = when if first is None else min(first, when)
-        state.handle(message, None, when)
+        try:
+            state.handle(message, None, when)
+        except Exception:  # a record that once failed live fails again: count it, go on
+            state.reject("internal_error")
     if first is not None:
         state.started_at = first  # the run's start, not the replay's
     state.finish(time.time())

@@ -38,6 +38,14 @@ REWARD_PREFIXES = ("rewards/",)
 REWARD_METRICS = ("reward", "rewards", "train/reward", "objective/scores", "critic/score/mean")
 QUALITY_PREFIXES = ("quality/",)
 
+def _tail_ending_with(tail: Tail, metric: str, n: int, values: np.ndarray) -> np.ndarray:
+    """The stored tail of ``metric`` (at most ``n`` points), which ends with the block being
+    scored; the block alone when the store holds fewer points than the block (a block longer
+    than the ring), so a scan never indexes before the start of its array."""
+    _, ext = tail(metric, n)
+    return ext if ext.size >= values.size else values
+
+
 def is_reward(metric: str) -> bool:
     """True for a total reward or a per-reward-function series (``rewards/<name>``)."""
     return metric in REWARD_METRICS or metric.startswith(REWARD_PREFIXES)
@@ -149,7 +157,7 @@ class SpikeDetector(MetricSetDetector):
 
     def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
         """Scores once 10 earlier finite values exist."""
-        _, ext = tail(metric, self.lookback + values.size)
+        ext = _tail_ending_with(tail, metric, self.lookback + values.size, values)
         out, emitted = np.empty(values.size), np.empty(values.size, np.bool_)
         kernels.median_ratio_scan(ext, values.size, self.lookback, 10, out, emitted)
         return self._series(metric, steps, out, emitted)
@@ -167,7 +175,7 @@ class TrendDetector(StreamDetector):
 
     def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
         """Scores once the window holds 20 finite values."""
-        _, ext = tail(metric, self.window - 1 + values.size)
+        ext = _tail_ending_with(tail, metric, self.window - 1 + values.size, values)
         out, emitted = np.empty(values.size), np.empty(values.size, np.bool_)
         kernels.trend_scan(ext, values.size, self.window, 20, out, emitted)
         if not emitted.any():
@@ -203,7 +211,7 @@ class RewardAnomalyDetector(StreamDetector):
 
     def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
         """Up to five score series (each once enough history exists)."""
-        _, ext = tail(metric, self.window - 1 + values.size)
+        ext = _tail_ending_with(tail, metric, self.window - 1 + values.size, values)
         state = self._emas.setdefault(metric, np.array([math.nan, math.nan]))
         shape = (values.size, kernels.N_REWARD_SCORES)
         out, emitted = np.empty(shape), np.empty(shape, np.bool_)
@@ -248,7 +256,7 @@ class RewardHackingDetector(StreamDetector):
     def score(self, metric: str, steps: np.ndarray, values: np.ndarray, tail: Tail) -> list[ScoreSeries]:
         """Scores once the window holds ``2 * RECENT_STEPS`` steps."""
         k = values.size
-        _, ext = tail(metric, self.window_size - 1 + k)
+        ext = _tail_ending_with(tail, metric, self.window_size - 1 + k, values)
         ends = np.arange(ext.size - k + 1, ext.size + 1, dtype=np.int64)
         gain, emitted = self._changes(ext, ends)
         if not emitted.any():

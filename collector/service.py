@@ -183,7 +183,7 @@ class CollectorService:
         send stop states that are due. Returns the number of frames handled."""
         assert self._socket is not None
         handled = 0
-        acks: dict[bytes, tuple[int, int]] = {}
+        acks: dict[bytes, tuple[int, int, bool]] = {}
         replies: list[Reply] = []
         if self._log_failing():  # take nothing new until the disk takes what is pending
             self._stop_requested.wait(timeout_ms / 1000)
@@ -192,7 +192,8 @@ class CollectorService:
         durable = self._commit_log()
         now = time.time()
         if durable:  # never acknowledge what a failed write or fsync may have lost
-            replies.extend(self.state.ack(identity, rank, inc) for identity, (rank, inc) in acks.items())
+            replies.extend(self.state.ack(identity, rank, inc, bye)
+                           for identity, (rank, inc, bye) in acks.items())
         replies.extend(self.state.resends(now))
         self._send(replies)
         return handled
@@ -284,7 +285,11 @@ class CollectorService:
                 except FrameRejected as exc:
                     self.state.reject(exc.reason)
                     continue
-                self.state.handle(message, None, message_time(message))
+                try:
+                    self.state.handle(message, None, message_time(message))
+                except Exception:  # as live: a bug costs the record, never the restart
+                    self.state.reject("internal_error")
+                    log.exception("internal error replaying a %s record", message.kind.name)
         finally:
             self._replaying = False
         count = results[0].records if results else 0
@@ -312,7 +317,7 @@ class CollectorService:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = sock
 
-    def _receive(self, acks: dict[bytes, tuple[int, int]], replies: list[Reply]) -> int:
+    def _receive(self, acks: dict[bytes, tuple[int, int, bool]], replies: list[Reply]) -> int:
         handled = 0
         now = time.time()
         while handled < MAX_FRAMES_PER_ITERATION:
@@ -329,7 +334,7 @@ class CollectorService:
         return handled
 
     def _handle_frame(self, identity: bytes, frame: bytes, now: float,
-                      acks: dict[bytes, tuple[int, int]], replies: list[Reply]) -> None:
+                      acks: dict[bytes, tuple[int, int, bool]], replies: list[Reply]) -> None:
         try:
             message = wire.decode(frame)
         except FrameRejected as exc:
@@ -340,23 +345,32 @@ class CollectorService:
             self.state.reject("unexpected_kind")
             return
         if self.state.is_duplicate(message):  # a re-sent batch already logged: only re-acknowledge
-            acks[identity] = (message.rank, message.inc)
+            acks.setdefault(identity, (message.rank, message.inc, False))
             return
         if message.kind in (Kind.BATCH, Kind.HELLO, Kind.BYE) and self._event_log is not None:
             self._event_log.append(frame)
         try:
-            replies.extend(self.state.handle(message, identity, now))
+            answers = self.state.handle(message, identity, now)
+            if message.kind is Kind.BYE:  # its ACK vouches for the batches: only after the commit
+                acks[identity] = (message.rank, message.inc, True)
+                answers = [a for a in answers if a.fields.get("k") != int(Kind.ACK)]
+            replies.extend(answers)
         except Exception:  # a bug must cost one frame, never the collector
             self.state.reject("internal_error")
             log.exception("internal error while handling a %s frame", message.kind.name)
             return
         if message.kind is Kind.BATCH:
-            acks[identity] = (message.rank, message.inc)
+            acks.setdefault(identity, (message.rank, message.inc, False))
 
     def _send(self, replies: list[Reply]) -> None:
         for reply in replies:
             try:
-                self._socket.send_multipart([reply.identity, wire.encode(reply.fields)], zmq.NOBLOCK)
+                frame = wire.encode(reply.fields)
+            except (TypeError, ValueError, OverflowError):  # e.g. a stop step past uint64
+                self.state.reject("internal_error")
+                continue
+            try:
+                self._socket.send_multipart([reply.identity, frame], zmq.NOBLOCK)
             except zmq.ZMQError:  # peer gone or its queue full: the resend logic tries again
                 pass
 

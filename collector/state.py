@@ -147,8 +147,8 @@ class CollectorState:
         fields = message.fields
         window = info.window(message.inc)
         floor = fields.get("floor")
-        if isinstance(floor, int) and not isinstance(floor, bool):
-            window.give_up_below(floor)
+        if isinstance(floor, int) and not isinstance(floor, bool) and floor <= fields["seq"]:
+            window.give_up_below(floor)  # a floor above the batch's own seq is a lie: ignored
         if window.seen(fields["seq"]):
             self.rejected_by_reason["duplicate"] += 1
             return []
@@ -435,7 +435,7 @@ class CollectorState:
             detectors = self._detectors_for.get(metric)
             if detectors is None:
                 detectors = self._detectors_watching(metric)
-            if not detectors:
+            if not detectors or metric not in self._aggregate_ids:  # not stored: series_limit
                 continue
             steps, means = done.step[rows], done.mean[rows]
             for detector in detectors:
@@ -553,10 +553,12 @@ class CollectorState:
         """The STOP_STATE frame the collector writes into its own event log."""
         return wire.encode(self._stop_message(state))
 
-    def ack(self, identity: bytes, rank: int, inc: int) -> Reply:
-        """Acknowledge everything durably logged from ``(rank, inc)``."""
+    def ack(self, identity: bytes, rank: int, inc: int, bye: bool = False) -> Reply:
+        """Acknowledge everything durably logged from ``(rank, inc)`` (``bye``: answering its
+        BYE, which the rank waits for before it exits)."""
         seq = self.ranks.get(rank).acknowledged(inc)
-        return Reply(identity, self._reply(Kind.ACK, seq=seq))
+        fields = {"seq": seq, "bye": True} if bye else {"seq": seq}
+        return Reply(identity, self._reply(Kind.ACK, **fields))
 
     def snapshot(self, now: float, *, with_history: bool = False, finished: bool = False,
                  window: int | None = None) -> CollectorSnapshot:

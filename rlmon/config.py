@@ -65,7 +65,7 @@ class RankConfig:
     """Bytes of unacknowledged batches a rank holds for re-sending."""
     resend_after: float = 30.0
     """Seconds without any acknowledgement making progress before the held batches are sent
-    again anyway (then 2×, 4×… up to 30 s apart). A reconnection re-sends them at once."""
+    again anyway (then 2×, 4×… up to 120 s apart). A reconnection re-sends them at once."""
     stop_sync_every: int = 0
     """If > 0, agree on stops through a torch.distributed MAX all-reduce every K steps."""
 

@@ -223,7 +223,7 @@ class Monitor:
     def request_early_stop(self, reason: str, severity: str = "CRITICAL") -> None:
         """Ask the collector to stop every rank (it picks the step and tells every rank)."""
         self._publisher.outbox.append(self._message(
-            Kind.STOP_REQUEST, reason=str(reason)[:512], sev=severity,
+            Kind.STOP_REQUEST, reason=str(reason)[:512], sev=str(severity),
             step=self._publisher.current_step))
 
     @property
@@ -327,6 +327,10 @@ class Monitor:
         prepare a fresh one, with a new incarnation, that starts only if the child logs."""
         self._publisher = Publisher(self.config, self.endpoint, start=False)
         self._pending = self._publisher.pending
+        # The parent's span timings and reward values are the parent's to send; the parent's
+        # embedded collector (if any) is the parent's to finalize.
+        self._attached, self._unstamped_rewards, self._reward_means = {}, [], {}
+        self._on_close = self._before_close = None
         self.log = self._log_in_forked_child
         self.log_samples = self._log_samples_in_forked_child
 

@@ -123,6 +123,8 @@ class ResendBuffer:
         self.batches: collections.OrderedDict[int, SentBatch] = collections.OrderedDict()
         self.bytes = 0
         self.resends = 0
+        self._given_up: collections.OrderedDict[int, int] = collections.OrderedDict()
+        """Batches pushed out after they were handed to ZeroMQ: seq → steps."""
         self._last_event = 0.0  # the last ACK that made progress, or the last re-send
         self._backoff = resend_after
 
@@ -138,13 +140,21 @@ class ResendBuffer:
         self.ledger.unacked += steps
         while len(self.batches) > 1 and (len(self.batches) > self.max_batches
                                           or self.bytes > self.max_bytes):
-            _, oldest = self.batches.popitem(last=False)
+            seq_out, oldest = self.batches.popitem(last=False)
             self._forget(oldest)
             self.ledger.drop("resend_overflow", oldest.steps)
+            if oldest.sends:  # it may still arrive (ZeroMQ's queue): an ACK can still vouch for it
+                self._given_up[seq_out] = oldest.steps
+                while len(self._given_up) > 65_536:
+                    del self._given_up[next(iter(self._given_up))]
 
     def acknowledge(self, seq: int) -> None:
         """The collector durably holds every batch up to ``seq``."""
         progress = False
+        while self._given_up and next(iter(self._given_up)) <= seq:
+            _, steps = self._given_up.popitem(last=False)
+            self.ledger.dropped["resend_overflow"] -= steps  # it arrived after all
+            self.ledger.acked += steps
         while self.batches and next(iter(self.batches)) <= seq:
             _, batch = self.batches.popitem(last=False)
             self._forget(batch)
@@ -200,7 +210,8 @@ class Publisher:
         """``[step, name, values]`` entries (the BATCH field ``rv``) from wrapped reward functions."""
         self.outbox: collections.deque = collections.deque()
         self.queries: collections.deque = collections.deque()
-        """QUERY messages, sent after the pending steps so a query sees what was logged before it."""
+        """QUERY messages, sent after the pending steps (a query usually sees what was logged
+        before it; not when ZeroMQ refused an earlier batch, which then follows later)."""
         self.curve = client_keys_from_env(os.environ)  # ConfigError here, at init, if misconfigured
         self.ledger = Ledger()
         self.resend = ResendBuffer(self.ledger, config.resend_batches, config.resend_bytes,
@@ -304,7 +315,10 @@ class Publisher:
             now = time.monotonic()
             if now >= next_flush:
                 busy = self._has_work()
-                self._flush(sock)
+                try:
+                    self._flush(sock)
+                except Exception:  # one bad item must not end the sender (stops would be lost)
+                    log.exception("rlmon: a flush failed; the sender goes on")
                 # Idle, the thread wakes less and less often (up to every IDLE_FLUSH_INTERVAL):
                 # a thousand idle ranks on a host should not cost it 50 wake-ups a second each.
                 wait = interval if busy else min(2 * wait, IDLE_FLUSH_INTERVAL)
@@ -362,7 +376,17 @@ class Publisher:
         self.ledger.unacked -= steps
         if rewards:
             message["rv"] = rewards
-        self.resend.add(self._seq, wire.encode(message), steps)
+        try:
+            frame = wire.encode(message)
+        except (TypeError, ValueError, OverflowError):  # a value msgpack cannot carry
+            message.pop("rv", None)
+            message["samples"] = []
+            message["blocks"], bad = encode_blocks(_encodable(records))
+            self.ledger.drop("unreadable", steps - sum(_block_steps(b) for b in message["blocks"]))
+            steps = sum(_block_steps(b) for b in message["blocks"])
+            self.ledger.drop("bad_sample", len(samples) + len(rewards or ()))
+            frame = wire.encode(message)
+        self.resend.add(self._seq, frame, steps)
         self._send_held(sock)
 
     def _send_held(self, sock: zmq.Socket) -> None:
@@ -510,6 +534,24 @@ def encode_blocks(records: list) -> tuple[list[list[Any]], int]:
     return [wire.pack_block(*block) for block in blocks], bad
 
 
+def _encodable(records: list) -> list:
+    """The records whose step and values msgpack can encode (the rest are left out)."""
+    kept = []
+    for record in records:
+        try:
+            wire.encode(encode_blocks([record])[0])
+        except (TypeError, ValueError, OverflowError):
+            continue
+        kept.append(record)
+    return kept
+
+
+def _block_steps(block: list) -> int:
+    """Steps in one wire block (plain or packed)."""
+    steps = block[1]
+    return len(steps) // 8 if isinstance(steps, bytes) else len(steps)
+
+
 def resolve_value(value: Any) -> Any:
     """A value as it goes on the wire: plain numbers pass; deferred tensor copies are read now."""
     if type(value) is float or type(value) is int:
@@ -520,7 +562,12 @@ def resolve_value(value: Any) -> Any:
         return value.item()  # numpy scalars, CPU tensors that reached here
     if isinstance(value, bool):
         return int(value)
-    return value  # anything else goes as-is; the collector flags wrong types
+    if value is None or type(value) is str:
+        return value  # the collector counts it as a wrong type
+    try:
+        return float(value)  # Decimal, Fraction, a 1-element array...
+    except (TypeError, ValueError, OverflowError):
+        return None  # not encodable (an array, an object): sent as nil, counted as wrong_type
 
 
 class HostValues(dict):

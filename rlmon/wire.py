@@ -36,6 +36,7 @@ MAX_KEYS_PER_BLOCK = 4096
 MAX_STEPS_PER_BLOCK = 65536
 MAX_NAME_LENGTH = 256
 _BIG_ENDIAN = sys.byteorder == "big"
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 #: Most ``rv`` entries (reward function calls) in one BATCH, and most values in one entry.
 MAX_REWARD_ENTRIES = 4096
 MAX_REWARD_VALUES = 65536
@@ -195,6 +196,8 @@ def _check_fields(raw: dict[str, Any], spec: tuple[tuple[str, Any], ...]) -> Non
         value = raw[name]
         if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
             raise FrameRejected("wrong_type", f"{name}: {type(value).__name__}")
+        if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+            raise FrameRejected("wrong_type", f"{name}: outside int64")
 
 
 def _block_of(raw: Any) -> Block:
@@ -202,6 +205,8 @@ def _block_of(raw: Any) -> Block:
     if not isinstance(raw, list) or len(raw) != 4:
         raise FrameRejected("bad_block", "a block is [keys, steps, times, values]")
     keys, steps, times, values = raw
+    if not steps:
+        raise FrameRejected("bad_block", "a block holds at least one step")
     if isinstance(values, bytes):
         return _packed_block_of(keys, steps, times, values)
     if not (isinstance(keys, list) and isinstance(steps, list) and isinstance(times, list)):
@@ -209,8 +214,9 @@ def _block_of(raw: Any) -> Block:
     if not isinstance(values, list) or not (len(steps) == len(times) == len(values)):
         raise FrameRejected("bad_block", "steps, times and values differ in length")
     _check_keys(keys, len(steps))
-    if not all(_is_int(s) for s in steps) or not all(_is_real(t) for t in times):
-        raise FrameRejected("bad_block", "steps must be ints and times numbers")
+    if not all(_is_int(s) and _INT64_MIN <= s <= _INT64_MAX for s in steps) \
+            or not all(_is_real(t) for t in times):
+        raise FrameRejected("bad_block", "steps must be int64s and times numbers")
     if not all(isinstance(row, list) and len(row) == len(keys) for row in values):
         raise FrameRejected("bad_block", "each row needs one value per key")
     import numpy as np  # the collector's side only: a training node needs no NumPy

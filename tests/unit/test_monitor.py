@@ -293,3 +293,49 @@ def test_resend_buffer_resends_only_when_acknowledgements_stall(monkeypatch):
         buffer.add(seq, b"y" * 10, steps=1)
     assert list(buffer.batches) == [3, 4, 5] and ledger.dropped == {"resend_overflow": 4}
     assert ledger.unacked == 3
+
+
+def test_values_msgpack_cannot_carry_never_stop_the_sender():
+    """An array, a list of numpy scalars or an object as a metric value, and a step beyond
+    uint64: the batch still encodes (such values go as nil, counted by the collector; such a
+    step is dropped as unreadable) and the sender thread keeps running."""
+    import zmq
+
+    mon = _idle_monitor()
+    try:
+        publisher = mon._publisher
+        context = zmq.Context.instance()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            records = [(1, 0.0, HostValues(a=np.zeros(3), b=[np.float32(1.0)], c=object())),
+                       (2**70, 0.0, {"a": 1.0}), (3, 0.0, {"a": 2.0})]
+            publisher._send_batch(sock, records, [[1, ["p"], ["r"], [np.zeros(2)]]], None)
+        finally:
+            sock.close(linger=0)
+        held = list(publisher.resend.batches.values())
+        assert len(held) == 1
+        decoded = wire.decode(held[0].frame)
+        steps = [s for block in decoded.fields["blocks"] for s in block.steps.tolist()]
+        assert steps == [1, 3]
+        assert publisher.ledger.dropped.get("unreadable") == 1
+        assert mon._publisher._thread.is_alive() or not mon._publisher._thread.ident
+    finally:
+        mon.close()
+
+
+def test_a_batch_pushed_out_after_sending_counts_as_acked_when_an_ack_covers_it():
+    """The oldest held batch, already handed to ZeroMQ, is pushed out (counted as
+    resend_overflow); when the collector's ACK later covers it, its steps move to acked, so
+    the ledger agrees with the log."""
+    from rlmon.publisher import Ledger, ResendBuffer
+
+    ledger = Ledger()
+    buffer = ResendBuffer(ledger, max_batches=1, max_bytes=10**6, resend_after=30.0)
+    buffer.add(1, b"x", steps=5)
+    for batch in buffer.due(0.0):
+        batch.sent_at, batch.sends = 0.0, 1
+    buffer.add(2, b"y", steps=3)
+    assert ledger.dropped == {"resend_overflow": 5}
+    buffer.acknowledge(2)
+    assert ledger.acked == 8 and ledger.dropped == {"resend_overflow": 0} and ledger.unacked == 0

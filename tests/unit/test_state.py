@@ -195,3 +195,25 @@ def test_checkpoint_action_sends_a_checkpoint_state_to_every_rank():
     replies = state.resends(1.0)
     assert {r.identity for r in replies} == {b"id0", b"id1"}
     assert all(r.fields["k"] == Kind.CHECKPOINT_STATE and r.fields["at"] > 2 for r in replies)
+
+
+def test_a_floor_above_the_batch_itself_is_ignored():
+    """A forged floor far past the batch's own seq cannot make the collector treat the rank's
+    real batches as duplicates."""
+    state = _state(world=1)
+    forged = _msg(Kind.BATCH, 0, 1, seq=1, t=0.0, step=0, floor=2**62,
+                  blocks=[[["a"], [0], [0.0], [[1.0]]]])
+    state.handle(forged, b"id0", 1.0)
+    assert state.ack(b"id0", 0, 1).fields["seq"] == 1
+    state.handle(_batch(0, 2, [1], {"a": [2.0]}), b"id0", 1.0)
+    assert state.ranks.get(0).batches == 2
+
+
+def test_detectors_skip_a_metric_without_an_aggregate_series():
+    """When the series limit leaves a watched metric without its cross-rank series, its
+    detectors do not run on a missing history (their state stays clean)."""
+    state = _state(world=1, max_series=1)
+    state.handle(_batch(0, 1, list(range(200)), {"reward": [1.0] * 200}), b"id0", 1.0)
+    anomaly = next(d for d in state.detectors if d.name == "reward_anomalies")
+    assert "reward" not in anomaly._emas
+    assert state.rejected_by_reason["series_limit"] >= 1

@@ -112,6 +112,18 @@ def _batch(**overrides):
     return wire.encode(wire.envelope(Kind.BATCH, "r", 0, 1, **fields))
 
 
+def test_numbers_outside_int64_and_empty_blocks_are_refused():
+    """A plain step past int64 or an empty block is a bad_block; an envelope integer past
+    int64 is a wrong_type (nothing downstream has to handle them)."""
+    for blocks in ([[["a"], [2**63], [1.0], [[1.0]]]], [[["a"], [], [], []]]):
+        with pytest.raises(FrameRejected) as caught:
+            wire.decode(_batch(blocks=blocks))
+        assert caught.value.reason == "bad_block"
+    with pytest.raises(FrameRejected) as caught:
+        wire.decode(_batch(step=2**64 - 1))
+    assert caught.value.reason == "wrong_type"
+
+
 @pytest.mark.parametrize("blocks", [
     [[["a"], [0], [1.0]]],                       # three parts
     [[["a"], [0, 1], [1.0], [[1.0]]]],           # lengths differ
