@@ -31,7 +31,7 @@ from rlmon.errors import FrameRejected
 from rlmon.wire import Kind
 
 #: Drop reasons that count something other than ``log`` calls (samples, reward values).
-NON_STEP_DROPS = frozenset({"bad_sample"})
+NON_STEP_DROPS = frozenset({"bad_sample", "bad_key"})
 
 
 @dataclass(slots=True)

@@ -55,7 +55,7 @@ class StopOffer:
 #: Drop reasons counted when ``log`` is called (the step never entered the queue).
 CALL_DROPS = ("queue_full", "closed", "bad_value")
 #: Drop reasons that count samples or reward values, not ``log`` calls.
-NON_STEP_DROPS = ("bad_sample",)
+NON_STEP_DROPS = ("bad_sample", "bad_key")
 
 
 @dataclass(slots=True)
@@ -364,7 +364,10 @@ class Publisher:
         """Encode one batch, hold it for re-sending, and hand it to ZeroMQ (unless batches it
         refused earlier are still waiting: order is kept)."""
         self.ledger.taken += len(records)
-        blocks, bad = encode_blocks(records)
+        key_drops: list[int] = []
+        blocks, bad = encode_blocks(records, key_drops)
+        if key_drops:
+            self.ledger.drop("bad_key", sum(key_drops))
         if bad:
             self.ledger.drop("unreadable", bad)
         self._seq += 1
@@ -506,12 +509,14 @@ def _take_reward_values(queue: collections.deque, max_values: int) -> list:
     return entries
 
 
-def encode_blocks(records: list) -> tuple[list[list[Any]], int]:
+def encode_blocks(records: list, key_drops: list[int] | None = None) -> tuple[list[list[Any]], int]:
     """Group ``(step, time, metrics)`` records into columnar blocks of equal key sets, packed
     (:func:`rlmon.wire.pack_block`) when every value is a number.
 
     Returns the wire blocks and how many records had to be dropped because a value could not be
-    read (a tensor whose copy failed, a step that is not an integer)."""
+    read (a tensor whose copy failed, a step that is not an integer). Keys the collector would
+    refuse (not a string, empty, longer than 256 characters) are left out of their record, and
+    how many is appended to ``key_drops``: one bad key must not cost the whole batch."""
     blocks: list[list[Any]] = []
     current_keys: tuple | None = None
     bad = 0
@@ -524,6 +529,14 @@ def encode_blocks(records: list) -> tuple[list[list[Any]], int]:
             bad += 1
             continue
         keys = tuple(metrics)
+        valid = _valid_keys(keys)
+        if valid is not keys:
+            if key_drops is not None:
+                key_drops.append(len(keys) - len(valid))
+            if not valid:
+                bad += 1
+                continue
+            metrics, keys = {key: metrics[key] for key in valid}, valid
         if keys != current_keys:
             current_keys = keys
             blocks.append([list(keys), [], [], []])
@@ -532,6 +545,23 @@ def encode_blocks(records: list) -> tuple[list[list[Any]], int]:
         block[2].append(when)
         block[3].append(list(metrics.values()))
     return [wire.pack_block(*block) for block in blocks], bad
+
+
+def _valid_keys(keys: tuple) -> tuple:
+    """``keys`` itself when the collector accepts every one, else the acceptable ones
+    (cached per key set: a rank logs the same few key sets over and over)."""
+    checked = _CHECKED_KEYS.get(keys)
+    if checked is None:
+        good = tuple(key for key in keys
+                     if type(key) is str and 0 < len(key) <= wire.MAX_NAME_LENGTH)
+        checked = keys if len(good) == len(keys) else good
+        if len(_CHECKED_KEYS) >= 4096:
+            _CHECKED_KEYS.clear()
+        _CHECKED_KEYS[keys] = checked
+    return checked
+
+
+_CHECKED_KEYS: dict[tuple, tuple] = {}
 
 
 def _encodable(records: list) -> list:

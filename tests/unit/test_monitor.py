@@ -339,3 +339,15 @@ def test_a_batch_pushed_out_after_sending_counts_as_acked_when_an_ack_covers_it(
     assert ledger.dropped == {"resend_overflow": 5}
     buffer.acknowledge(2)
     assert ledger.acked == 8 and ledger.dropped == {"resend_overflow": 0} and ledger.unacked == 0
+
+
+def test_keys_the_collector_would_refuse_are_left_out_not_the_batch():
+    """An empty, a non-string and an overlong key are dropped from their record (and
+    counted); the record's other values and the other records still go."""
+    drops: list[int] = []
+    blocks, bad = encode_blocks([(0, 1.0, {"": 1.0, 7: 2.0, "x" * 300: 3.0, "ok": 4.0}),
+                                 (1, 2.0, {"": 5.0})], drops)
+    assert bad == 1 and drops == [3, 1]
+    decoded = wire.decode(wire.encode(wire.envelope(
+        wire.Kind.BATCH, "r", 0, 1, seq=1, t=1.0, step=1, blocks=blocks))).fields["blocks"]
+    assert [b.keys for b in decoded] == [["ok"]] and decoded[0].values.tolist() == [[4.0]]
