@@ -117,7 +117,8 @@ def wrong_field(rng: random.Random, message: dict) -> bytes:
     """Replace one field with a value of another type, NaN/Inf, or a huge number."""
     message = dict(message)
     key = rng.choice(list(message))
-    message[key] = rng.choice([None, True, "x" * rng.randint(0, 300), -1, 2**63 - 1, -(2**63),
+    message[key] = rng.choice([None, True, "x" * rng.randint(0, 300), -1, 2**63 - 1, -(2**63), 2**63,
+                               2**64 - 1,
                                math.nan, math.inf, [], {}, [1, [2, [3]]], b"\x00" * 9, 1.5])
     return msgpack.packb(message, use_bin_type=True)
 
@@ -144,7 +145,7 @@ def name_flood(rng: random.Random) -> bytes:
 def rank_flood(rng: random.Random) -> bytes:
     """A valid batch from an absurd rank number or a random incarnation."""
     rank = rng.choice([MAX_RANKS, MAX_RANKS - 1, 10**9, -2, rng.randrange(64)])
-    block = [["reward"], [rng.randrange(10**6)], [1000.0], [[rng.random()]]]
+    block = [["reward"], [rng.choice([rng.randrange(10**6), 2**63, 2**64 - 1])], [1000.0], [[rng.random()]]]
     return wire.encode(wire.envelope(Kind.BATCH, RUN, rank, rng.getrandbits(31),
                                      seq=rng.randint(1, 10**6), t=1000.0, step=1, blocks=[block]))
 

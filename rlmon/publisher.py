@@ -555,7 +555,7 @@ def _valid_keys(keys: tuple) -> tuple:
         good = tuple(key for key in keys
                      if type(key) is str and 0 < len(key) <= wire.MAX_NAME_LENGTH)
         checked = keys if len(good) == len(keys) else good
-        if len(_CHECKED_KEYS) >= 4096:
+        if len(_CHECKED_KEYS) >= 512:
             _CHECKED_KEYS.clear()
         _CHECKED_KEYS[keys] = checked
     return checked

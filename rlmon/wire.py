@@ -255,13 +255,16 @@ def _check_keys(keys: list[Any], n_steps: int) -> None:
         raise FrameRejected("bad_block", "keys must be non-empty strings")
     if len(set(keys)) != len(keys):
         raise FrameRejected("bad_block", "duplicate keys")
-    if len(_VALID_KEY_SETS) >= 4096:
-        _VALID_KEY_SETS.clear()
-    _VALID_KEY_SETS.add(tuple(keys))
+    if len(keys) <= _MAX_CACHED_KEYS:  # a flood of huge random key sets must not fill memory
+        if len(_VALID_KEY_SETS) >= _MAX_CACHED_KEY_SETS:
+            _VALID_KEY_SETS.clear()
+        _VALID_KEY_SETS.add(tuple(keys))
 
 
-#: Key sets already found valid (bounded; cleared when full).
+#: Key sets already found valid (at most 512 sets of at most 256 keys: a few MB at worst).
 _VALID_KEY_SETS: set[tuple[str, ...]] = set()
+_MAX_CACHED_KEY_SETS = 512
+_MAX_CACHED_KEYS = 256
 
 
 def _check_samples(samples: Any) -> None:
