@@ -81,7 +81,8 @@ class Ledger:
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` lost steps (or samples, for ``bad_sample``) under ``reason``."""
-        self.dropped[reason] = self.dropped.get(reason, 0) + count
+        if count:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
 
     def queued(self) -> int:
         """Steps logged and not yet taken by the sender."""
@@ -154,6 +155,8 @@ class ResendBuffer:
         while self._given_up and next(iter(self._given_up)) <= seq:
             _, steps = self._given_up.popitem(last=False)
             self.ledger.dropped["resend_overflow"] -= steps  # it arrived after all
+            if not self.ledger.dropped["resend_overflow"]:
+                del self.ledger.dropped["resend_overflow"]
             self.ledger.acked += steps
         while self.batches and next(iter(self.batches)) <= seq:
             _, batch = self.batches.popitem(last=False)
@@ -530,7 +533,7 @@ def encode_blocks(records: list, key_drops: list[int] | None = None) -> tuple[li
             continue
         keys = tuple(metrics)
         valid = _valid_keys(keys)
-        if valid is not keys:
+        if len(valid) != len(keys):
             if key_drops is not None:
                 key_drops.append(len(keys) - len(valid))
             if not valid:

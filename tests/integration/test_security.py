@@ -87,6 +87,8 @@ def test_curve_lets_known_keys_in_and_refuses_the_rest(tmp_path):
             keyless = subprocess.run([*rlmon_command(), "stop", str(out), "--reason", "x"],
                                      env=child_env(), capture_output=True, text=True, timeout=60)
             assert keyless.returncode != 0 and "CURVE" in keyless.stderr
+            output, _ = ranks[0].communicate(timeout=120)  # it stops at the stop step, then exits
+            assert ranks[0].returncode == 0, output
         finally:
             for process in ranks:
                 stop_process(process)

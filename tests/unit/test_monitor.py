@@ -338,7 +338,7 @@ def test_a_batch_pushed_out_after_sending_counts_as_acked_when_an_ack_covers_it(
     buffer.add(2, b"y", steps=3)
     assert ledger.dropped == {"resend_overflow": 5}
     buffer.acknowledge(2)
-    assert ledger.acked == 8 and ledger.dropped == {"resend_overflow": 0} and ledger.unacked == 0
+    assert ledger.acked == 8 and ledger.dropped == {} and ledger.unacked == 0
 
 
 def test_keys_the_collector_would_refuse_are_left_out_not_the_batch():
@@ -348,6 +348,9 @@ def test_keys_the_collector_would_refuse_are_left_out_not_the_batch():
     blocks, bad = encode_blocks([(0, 1.0, {"": 1.0, 7: 2.0, "x" * 300: 3.0, "ok": 4.0}),
                                  (1, 2.0, {"": 5.0})], drops)
     assert bad == 1 and drops == [3, 1]
+    again: list[int] = []
+    encode_blocks([(2, 3.0, {"ok": 1.0}), (3, 4.0, {"ok": 2.0})], again)
+    assert again == []  # a valid key set, cached or not, drops nothing
     decoded = wire.decode(wire.encode(wire.envelope(
         wire.Kind.BATCH, "r", 0, 1, seq=1, t=1.0, step=1, blocks=blocks))).fields["blocks"]
     assert [b.keys for b in decoded] == [["ok"]] and decoded[0].values.tolist() == [[4.0]]
