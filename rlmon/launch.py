@@ -202,7 +202,8 @@ class CollectorKeeper:
                 self.process.wait(0.2)
             except subprocess.TimeoutExpired:
                 continue
-            if self._stopping.is_set() or self.restarts >= MAX_COLLECTOR_RESTARTS:
+            if (self._stopping.is_set() or self.restarts >= MAX_COLLECTOR_RESTARTS
+                    or self.process.returncode == 0):  # 0: stopped on purpose (SIGTERM), reports written
                 return
             self._restart()
 

@@ -224,6 +224,7 @@ class Publisher:
         self.current_step = -1
         self._seq = 0
         self._connected_before = False
+        self._last_stop_ack: dict[str, Any] | None = None
         self._closing = threading.Event()
         self._bye_acked = threading.Event()
         self._last_send = 0.0
@@ -330,7 +331,10 @@ class Publisher:
     def _flush(self, sock: zmq.Socket) -> None:
         """Send control messages, samples and pending steps; a heartbeat when idle."""
         while self.outbox:
-            self._send(sock, self.outbox.popleft())
+            message = self.outbox.popleft()
+            if message.get("k") == Kind.STOP_ACK:
+                self._last_stop_ack = message
+            self._send(sock, message)
         self._send_held(sock)
         records = _take(self.pending, MAX_STEPS_PER_BATCH)
         samples = _take(self.samples, 64)
@@ -442,6 +446,8 @@ class Publisher:
             current = self.stop_offer
             if current is None or offer.generation > current.generation:
                 self.stop_offer = offer
+            elif self._last_stop_ack is not None and self._last_stop_ack["gen"] == offer.generation:
+                self.outbox.append(self._last_stop_ack)  # a collector that lost our ACK (restarted)
         elif message.kind is Kind.RESULT:
             with self._waiters_lock:
                 waiter = self._waiters.get(fields["id"])

@@ -354,3 +354,21 @@ def test_keys_the_collector_would_refuse_are_left_out_not_the_batch():
     decoded = wire.decode(wire.encode(wire.envelope(
         wire.Kind.BATCH, "r", 0, 1, seq=1, t=1.0, step=1, blocks=blocks))).fields["blocks"]
     assert [b.keys for b in decoded] == [["ok"]] and decoded[0].values.tolist() == [[4.0]]
+
+
+def test_a_repeated_stop_state_gets_the_same_ack_again():
+    """A collector that lost a rank's STOP_ACK (it restarted) re-sends the stop state; the rank
+    answers again with the ACK it sent for that generation instead of ignoring it."""
+    mon = _idle_monitor()
+    try:
+        publisher = mon._publisher
+        state = wire.decode(wire.encode(wire.envelope(Kind.STOP_STATE, "t", -1, 0, gen=1, at=5,
+                                                      reason="r", sev="CRITICAL")))
+        publisher._handle(state)
+        assert mon.should_stop(1) is False
+        ack = publisher.outbox.popleft()
+        publisher._last_stop_ack = ack  # what the sender records when it sends it
+        publisher._handle(state)
+        assert list(publisher.outbox) == [ack] and ack["ok"] is True
+    finally:
+        mon.close()
