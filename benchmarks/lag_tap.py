@@ -14,21 +14,12 @@ limit to its hard maximum (a collector with 1,024 ranks holds 1,024 TCP connecti
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def raise_open_file_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
-                                                    else max(soft, 65536), hard))
 
 
 def install_tap() -> list[tuple[float, float]]:
@@ -54,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     index = argv.index("--lag-out")
     lag_out = Path(argv[index + 1])
     del argv[index:index + 2]
-    raise_open_file_limit()
-    samples = install_tap()
+    samples = install_tap()  # the collector lifts its own open-file limit when it starts
     from collector.cli import main as collector_main
 
     try:

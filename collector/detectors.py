@@ -38,6 +38,15 @@ REWARD_PREFIXES = ("rewards/",)
 REWARD_METRICS = ("reward", "rewards", "train/reward", "objective/scores", "critic/score/mean")
 QUALITY_PREFIXES = ("quality/",)
 
+def emitted_series(detector: str, alert_type: str, metric: str, steps: np.ndarray,
+                   out: np.ndarray, emitted: np.ndarray, describe: str) -> list[ScoreSeries]:
+    """A scan's scores at the steps where it emitted one, as one series (none when it emitted
+    nothing)."""
+    if not emitted.any():
+        return []
+    return [ScoreSeries(detector, alert_type, metric, steps[emitted], out[emitted], describe)]
+
+
 def _tail_ending_with(tail: Tail, metric: str, n: int, values: np.ndarray) -> np.ndarray:
     """The stored tail of ``metric`` (at most ``n`` points), which ends with the block being
     scored; the block alone when the store holds fewer points than the block (a block longer
@@ -90,10 +99,7 @@ class MetricSetDetector(StreamDetector):
 
     def _series(self, metric: str, steps: np.ndarray, out: np.ndarray, emitted: np.ndarray) -> list[ScoreSeries]:
         """The emitted scores as one series (none when nothing was emitted)."""
-        if not emitted.any():
-            return []
-        return [ScoreSeries(self.name, self.alert_type, metric, steps[emitted], out[emitted],
-                            self.describe)]
+        return emitted_series(self.name, self.alert_type, metric, steps, out, emitted, self.describe)
 
 
 class ValueDetector(MetricSetDetector):
@@ -144,10 +150,8 @@ class KLAccelerationDetector(StreamDetector):
         state = self._state.setdefault(metric, np.array([0.0, math.nan, math.nan]))
         out, emitted = np.empty(values.size), np.empty(values.size, np.bool_)
         kernels.ema_ratio_scan(values, state, 2.0 / 6, 2.0 / 51, 20, 1e-6, out, emitted)
-        if not emitted.any():
-            return []
-        return [ScoreSeries(self.name, "KL_ACCELERATING", metric, steps[emitted], out[emitted],
-                            "KL short/long EMA ratio")]
+        return emitted_series(self.name, "KL_ACCELERATING", metric, steps, out, emitted,
+                              "KL short/long EMA ratio")
 
 
 class SpikeDetector(MetricSetDetector):
@@ -178,10 +182,8 @@ class TrendDetector(StreamDetector):
         ext = _tail_ending_with(tail, metric, self.window - 1 + values.size, values)
         out, emitted = np.empty(values.size), np.empty(values.size, np.bool_)
         kernels.trend_scan(ext, values.size, self.window, 20, out, emitted)
-        if not emitted.any():
-            return []
-        return [ScoreSeries(self.name, "LOSS_RISING", metric, steps[emitted], out[emitted],
-                            "loss rise in std units")]
+        return emitted_series(self.name, "LOSS_RISING", metric, steps, out, emitted,
+                              "loss rise in std units")
 
 
 #: The reward anomaly scores: (rule key, alert type, description) per kernel output column.
@@ -217,13 +219,9 @@ class RewardAnomalyDetector(StreamDetector):
         out, emitted = np.empty(shape), np.empty(shape, np.bool_)
         kernels.reward_anomaly_scan(ext, values.size, state, self.window, 2.0 / 11, 2.0 / 101,
                                     out, emitted)
-        series = []
-        for column, (name, alert_type, describe) in REWARD_SCORES.items():
-            mask = emitted[:, column]
-            if mask.any():
-                series.append(ScoreSeries(name, alert_type, metric, steps[mask], out[mask, column],
-                                          describe))
-        return series
+        return [series for column, (name, alert_type, describe) in REWARD_SCORES.items()
+                for series in emitted_series(name, alert_type, metric, steps, out[:, column],
+                                             emitted[:, column], describe)]
 
 
 #: Points that count as "recent" in the reward-hacking comparison.
@@ -265,8 +263,8 @@ class RewardHackingDetector(StreamDetector):
         for fall in self._quality_falls(steps, tail):
             np.fmax(worst, fall, out=worst)
         scores = np.where(gain > 0, worst, 0.0)
-        return [ScoreSeries(self.name, "REWARD_HACKING", metric, steps[emitted], scores[emitted],
-                            "quality fall while reward rises")]
+        return emitted_series(self.name, "REWARD_HACKING", metric, steps, scores, emitted,
+                              "quality fall while reward rises")
 
     def _changes(self, values: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out, emitted = np.full(ends.size, np.nan), np.empty(ends.size, np.bool_)

@@ -432,9 +432,7 @@ class CollectorState:
         self._store_aggregates(done, runs)
         findings: list[Finding] = []
         for metric, rows in runs:
-            detectors = self._detectors_for.get(metric)
-            if detectors is None:
-                detectors = self._detectors_watching(metric)
+            detectors = self._detectors_watching(metric)
             if not detectors or metric not in self._aggregate_ids:  # not stored: series_limit
                 continue
             steps, means = done.step[rows], done.mean[rows]

@@ -28,10 +28,9 @@ from typing import Any
 from collector.eventlog import FILE_NAME, ReadResult, read_records
 from rlmon import wire
 from rlmon.errors import FrameRejected
+from rlmon.publisher import NON_STEP_DROPS
 from rlmon.wire import Kind
 
-#: Drop reasons that count something other than ``log`` calls (samples, reward values).
-NON_STEP_DROPS = frozenset({"bad_sample", "bad_key"})
 
 
 @dataclass(slots=True)

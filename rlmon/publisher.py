@@ -171,7 +171,7 @@ class ResendBuffer:
         acknowledgement made progress for ``resend_after`` seconds after the oldest was sent,
         all of them, again after 2×, 4×… that wait (up to :data:`MAX_BACKOFF`) while none comes.
         A collector that is slow but acknowledging is never sent duplicates."""
-        unsent = [b for b in self.batches.values() if b.sent_at is None]
+        unsent = self._unsent_tail()
         if unsent:
             return unsent
         oldest = next(iter(self.batches.values()), None)
@@ -184,7 +184,20 @@ class ResendBuffer:
 
     def has_unsent(self) -> bool:
         """True when a held batch waits to be handed to ZeroMQ."""
-        return any(batch.sent_at is None for batch in self.batches.values())
+        newest = next(reversed(self.batches.values()), None)
+        return newest is not None and newest.sent_at is None
+
+    def _unsent_tail(self) -> list[SentBatch]:
+        """The batches ZeroMQ has not taken yet, oldest first. They are always the newest ones
+        (batches go out in order and sending stops at the first refusal; a reconnection marks
+        them all), so this reads from the end instead of walking every held batch each flush."""
+        tail = []
+        for batch in reversed(self.batches.values()):
+            if batch.sent_at is not None:
+                break
+            tail.append(batch)
+        tail.reverse()
+        return tail
 
     def mark_unsent(self) -> None:
         """After a reconnection: every held batch goes out again, in order (the collector drops
@@ -561,8 +574,7 @@ def _valid_keys(keys: tuple) -> tuple:
     (cached per key set: a rank logs the same few key sets over and over)."""
     checked = _CHECKED_KEYS.get(keys)
     if checked is None:
-        good = tuple(key for key in keys
-                     if type(key) is str and 0 < len(key) <= wire.MAX_NAME_LENGTH)
+        good = tuple(key for key in keys if wire.valid_key(key))
         checked = keys if len(good) == len(keys) else good
         if len(_CHECKED_KEYS) >= 512:
             _CHECKED_KEYS.clear()

@@ -243,6 +243,11 @@ def _packed_block_of(keys: Any, steps: Any, times: Any, values: bytes) -> Block:
     return Block(keys, step_array, time_array, value_array.reshape(n, width))
 
 
+def valid_key(key: Any) -> bool:
+    """True for a metric name the collector accepts: a string of 1 to 256 characters."""
+    return type(key) is str and 0 < len(key) <= MAX_NAME_LENGTH
+
+
 def _check_keys(keys: list[Any], n_steps: int) -> None:
     if len(keys) > MAX_KEYS_PER_BLOCK or n_steps > MAX_STEPS_PER_BLOCK:
         raise FrameRejected("bad_block", "too many keys or steps")
@@ -251,7 +256,7 @@ def _check_keys(keys: list[Any], n_steps: int) -> None:
             return  # a rank sends the same key set batch after batch: checked once
     except TypeError:  # an unhashable key (a list, a map): refused below
         pass
-    if not all(isinstance(k, str) and 0 < len(k) <= MAX_NAME_LENGTH for k in keys):
+    if not all(valid_key(k) for k in keys):
         raise FrameRejected("bad_block", "keys must be non-empty strings")
     if len(set(keys)) != len(keys):
         raise FrameRejected("bad_block", "duplicate keys")

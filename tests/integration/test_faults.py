@@ -167,7 +167,8 @@ def test_forked_dataloader_workers_deliver_or_count_their_events(tmp_path):
 
 
 def test_a_late_joiner_stops_at_the_same_step(tmp_path):
-    """After an operator stop at step S, a rank that connects later learns it and stops at S."""
+    """After an operator stop, a rank that connects later learns the stop state in force and
+    stops at the same step S as the rank that was running."""
     out = tmp_path / "run"
     with running_collector(out, "--world-size", "2") as (_, info):
         early = _rank(info["endpoint"], tmp_path, 0, 2, "--steps", "100000", "--step-seconds", "0.01")
@@ -183,8 +184,11 @@ def test_a_late_joiner_stops_at_the_same_step(tmp_path):
             _finish(late)
         finally:
             stop_process(early)
-    assert read_json(tmp_path / "rank0.json")["stop_step"] == at
-    assert read_json(tmp_path / "rank1.json")["stop_step"] == at
+    # rank 0 stops at S = at, or at a later generation's step if it had already passed `at`
+    # when the stop reached it (it refuses; the collector decides again further ahead)
+    stopped = read_json(tmp_path / "rank0.json")["stop_step"]
+    assert stopped is not None and stopped >= at
+    assert read_json(tmp_path / "rank1.json")["stop_step"] == stopped
 
 
 def test_a_full_disk_stops_acknowledgements_raises_an_alert_and_recovers(tmp_path):
