@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Sequence
 
 from collector.snapshot import RankSnapshot
+from rlmon.wire import Route
 
 #: Shortest stretch of a rank's clock over which its step rate is measured.
 RATE_WINDOW_SECONDS = 0.5
@@ -62,8 +63,8 @@ class RankInfo:
     host: str = ""
     pid: int = 0
     incarnation: int = 0
-    identities: dict[int, bytes] = field(default_factory=dict)
-    """Routing identity of each open incarnation (a forked worker that logs is one more)."""
+    identities: dict[int, Route] = field(default_factory=dict)
+    """Route (routing ids) to each open incarnation (a forked worker that logs is one more)."""
     last_step: int = -1
     last_seen: float = 0.0
     batches: int = 0
@@ -96,10 +97,10 @@ class RankInfo:
         """True when every incarnation of this rank has said goodbye."""
         return not self.identities
 
-    def connect(self, incarnation: int, identity: bytes | None) -> None:
+    def connect(self, incarnation: int, identity: Route | None) -> None:
         """Remember where an incarnation of this rank can be reached (at most 16 kept)."""
         if identity is None:
-            identity = self.identities.get(incarnation, b"")
+            identity = self.identities.get(incarnation, ())
         self.identities.pop(incarnation, None)
         self.identities[incarnation] = identity
         while len(self.identities) > 16:

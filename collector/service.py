@@ -38,7 +38,7 @@ from rlmon import wire
 from rlmon.errors import ConfigError, FrameRejected
 from rlmon.keys import check_libzmq
 from rlmon.processes import process_alive
-from rlmon.wire import Kind
+from rlmon.wire import Kind, Route
 
 log = logging.getLogger("rlmon.collector")
 
@@ -183,7 +183,7 @@ class CollectorService:
         send stop states that are due. Returns the number of frames handled."""
         assert self._socket is not None
         handled = 0
-        acks: dict[bytes, tuple[int, int, bool]] = {}
+        acks: dict[Route, tuple[int, int, bool]] = {}
         replies: list[Reply] = []
         if self._log_failing():  # take nothing new until the disk takes what is pending
             self._stop_requested.wait(timeout_ms / 1000)
@@ -317,7 +317,7 @@ class CollectorService:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._socket = sock
 
-    def _receive(self, acks: dict[bytes, tuple[int, int, bool]], replies: list[Reply]) -> int:
+    def _receive(self, acks: dict[Route, tuple[int, int, bool]], replies: list[Reply]) -> int:
         handled = 0
         now = time.time()
         while handled < MAX_FRAMES_PER_ITERATION:
@@ -326,15 +326,16 @@ class CollectorService:
             except zmq.Again:
                 break
             handled += 1
-            if len(parts) != 2:
-                self.state.reject("bad_framing")
+            try:
+                route, frame = wire.split_route(parts)
+            except FrameRejected as exc:
+                self.state.reject(exc.reason)
                 continue
-            identity, frame = parts
-            self._handle_frame(identity, frame, now, acks, replies)
+            self._handle_frame(route, frame, now, acks, replies)
         return handled
 
-    def _handle_frame(self, identity: bytes, frame: bytes, now: float,
-                      acks: dict[bytes, tuple[int, int, bool]], replies: list[Reply]) -> None:
+    def _handle_frame(self, identity: Route, frame: bytes, now: float,
+                      acks: dict[Route, tuple[int, int, bool]], replies: list[Reply]) -> None:
         try:
             message = wire.decode(frame)
         except FrameRejected as exc:
@@ -370,7 +371,7 @@ class CollectorService:
                 self.state.reject("internal_error")
                 continue
             try:
-                self._socket.send_multipart([reply.identity, frame], zmq.NOBLOCK)
+                self._socket.send_multipart([*reply.identity, frame], zmq.NOBLOCK)
             except zmq.ZMQError:  # peer gone or its queue full: the resend logic tries again
                 pass
 

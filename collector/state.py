@@ -28,7 +28,7 @@ from collector.snapshot import (Alert, CollectorSnapshot, MetricSnapshot, Sample
 from collector.stop import MarginPolicy, StopCoordinator
 from collector.store import RingStore, SeriesLimitError
 from rlmon import wire
-from rlmon.wire import Kind, Message
+from rlmon.wire import Kind, Message, Route
 
 #: Rank number of the cross-rank mean series in the store.
 AGGREGATE_RANK = -1
@@ -42,9 +42,9 @@ MAX_ALERTS = 10_000
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A message for one peer, addressed by its ZeroMQ routing identity."""
+    """A message for one peer, addressed by its ZeroMQ route (:data:`rlmon.wire.Route`)."""
 
-    identity: bytes
+    identity: Route
     fields: dict[str, Any]
 
 
@@ -115,7 +115,7 @@ class CollectorState:
         """Count a frame refused before it became a message."""
         self.rejected_by_reason[reason] += 1
 
-    def handle(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def handle(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         """Apply one validated message; return the replies (none when replaying)."""
         handler = _HANDLERS.get(message.kind)
         if handler is None:
@@ -134,7 +134,7 @@ class CollectorState:
         self.world_size = world_size
         self.aggregator.set_world_size(world_size)
 
-    def _on_hello(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def _on_hello(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)
         fields = message.fields
         info.local_rank, info.pid, info.host = fields["local_rank"], fields["pid"], fields["host"][:128]
@@ -142,7 +142,7 @@ class CollectorState:
             self._widen_world(fields["world"])
         return self._stop_state_for(info.rank, identity)
 
-    def _on_batch(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def _on_batch(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)
         fields = message.fields
         window = info.window(message.inc)
@@ -163,13 +163,13 @@ class CollectorState:
         self._complete_steps(now)
         return []
 
-    def _on_heartbeat(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def _on_heartbeat(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)
         info.last_step = max(info.last_step, message.fields["step"])
         self._read_ledger(info, message.fields.get("ledger"))
         return []
 
-    def _on_bye(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def _on_bye(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)
         self._read_ledger(info, message.fields.get("ledger"))
         info.disconnect(message.inc)
@@ -178,7 +178,7 @@ class CollectorState:
         seq = info.acknowledged(message.inc)
         return [Reply(identity, self._reply(Kind.ACK, seq=seq, bye=True))]
 
-    def _on_stop_ack(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def _on_stop_ack(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)
         fields = message.fields
         if fields["ok"]:
@@ -190,7 +190,7 @@ class CollectorState:
                                   margin_steps=self.margin_steps(), now=now)
         return self._announce(state)
 
-    def _on_stop_request(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def _on_stop_request(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         fields = message.fields
         if message.rank < 0:  # an operator: must prove it holds the control key
             if not self.config.control_key or fields.get("key") != self.config.control_key:
@@ -206,7 +206,7 @@ class CollectorState:
             replies.append(Reply(identity, self._stop_message(self.stop.state)))
         return replies
 
-    def _on_stop_state(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def _on_stop_state(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         """Only the collector writes STOP_STATE records into its own log; replay restores them."""
         if identity is not None:
             self.rejected_by_reason["unexpected_kind"] += 1
@@ -216,7 +216,7 @@ class CollectorState:
                                        float(f.get("t", 0.0)), str(f.get("src", ""))))
         return []
 
-    def _on_query(self, message: Message, identity: bytes | None, now: float) -> list[Reply]:
+    def _on_query(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         """Answer a read-only question (:mod:`collector.queries`) to the identity that asked."""
         if identity is None:
             return []
@@ -312,7 +312,7 @@ class CollectorState:
             self._on_stop(state)
         return []  # the next resends() call sends it to every rank
 
-    def _stop_state_for(self, rank: int, identity: bytes | None) -> list[Reply]:
+    def _stop_state_for(self, rank: int, identity: Route | None) -> list[Reply]:
         state = self.stop.state
         if state is None or identity is None:
             return []
@@ -320,7 +320,7 @@ class CollectorState:
 
     # -- ingest ----------------------------------------------------------------------------------
 
-    def _touch(self, message: Message, identity: bytes | None, now: float):
+    def _touch(self, message: Message, identity: Route | None, now: float):
         info = self.ranks.get(message.rank)
         info.last_seen = now
         info.incarnation = message.inc
@@ -551,7 +551,7 @@ class CollectorState:
         """The STOP_STATE frame the collector writes into its own event log."""
         return wire.encode(self._stop_message(state))
 
-    def ack(self, identity: bytes, rank: int, inc: int, bye: bool = False) -> Reply:
+    def ack(self, identity: Route, rank: int, inc: int, bye: bool = False) -> Reply:
         """Acknowledge everything durably logged from ``(rank, inc)`` (``bye``: answering its
         BYE, which the rank waits for before it exits)."""
         seq = self.ranks.get(rank).acknowledged(inc)

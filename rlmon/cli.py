@@ -8,6 +8,8 @@
     rlmon report DIR                           rebuild the reports from the event log, offline
     rlmon verify DIR                           prove no acknowledged step was lost (exit 1 if not)
     rlmon keys DIR                             CURVE key pairs for ranks on other nodes
+    rlmon relay --collector ADDR -- torchrun   one per node: its ranks reach the collector
+                                               through one connection
     rlmon top DIR                              a live terminal view of a running collector
     rlmon demo                                 the main job: a small GRPO run on CPU, 2 ranks
     rlmon bench                                quick overhead figures (a source checkout)
@@ -52,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_verify(commands)
     _add_keys(commands)
+    _add_relay(commands)
     _add_demo(commands)
     _add_top(commands)
     _add_bench(commands)
@@ -103,6 +106,33 @@ def _add_keys(commands) -> None:
     sub.add_argument("--client", action="append", default=[], metavar="NAME",
                      help="make a client key pair NAME (repeat; default: one named 'rank')")
     sub.set_defaults(handler=_cmd_keys)
+
+
+def _add_relay(commands) -> None:
+    from rlmon.relay import DEFAULT_BIND
+
+    sub = commands.add_parser("relay", help="one per node: forward its ranks to the collector "
+                                            "over one connection (ZeroMQ's proxy)",
+                              usage="rlmon relay [--collector ADDR] [options] [-- COMMAND ...]")
+    sub.add_argument("--collector", default=None,
+                     help="the collector's address (default: $RLMON_ENDPOINT); CURVE keys from "
+                          "$RLMON_CURVE_SERVER_KEY and $RLMON_CURVE_CLIENT_SECRET")
+    sub.add_argument("--bind", default=DEFAULT_BIND,
+                     help=f"where this node's ranks connect (default {DEFAULT_BIND}, a free "
+                          "loopback port; the ranks' link to the relay is not encrypted)")
+    sub.add_argument("--ready-file", default=None,
+                     help="write {endpoint, pid, collector} as JSON here once serving")
+    sub.add_argument("cmd", nargs=argparse.REMAINDER,
+                     help="a command to run with RLMON_ENDPOINT set to the relay (after --); "
+                          "without one, print the relay's address and serve until SIGTERM")
+    sub.set_defaults(handler=_cmd_relay)
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from rlmon.relay import run_relay
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return run_relay(args.collector, args.bind, command, args.ready_file)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:

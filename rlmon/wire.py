@@ -31,6 +31,14 @@ from rlmon.errors import FrameRejected
 PROTOCOL_VERSION = 1
 #: Largest frame the collector accepts; larger ones are refused by ZeroMQ (``ZMQ_MAXMSGSIZE``).
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: A relay's routing id at the collector starts with this (docs/protocol.md, "Relays"): only
+#: such a peer may put a rank's routing id in front of the frame.
+RELAY_ID_PREFIX = b"rlmon-relay/"
+#: ZeroMQ's own limit on a routing id.
+MAX_ROUTING_ID_BYTES = 255
+#: The ZeroMQ routing frames that reach a peer from the collector's ROUTER: its routing id there,
+#: then, behind a relay, its routing id at the relay.
+Route = tuple[bytes, ...]
 #: Bounds that keep a hostile frame from costing the collector more than its length.
 MAX_KEYS_PER_BLOCK = 4096
 MAX_STEPS_PER_BLOCK = 65536
@@ -127,6 +135,19 @@ class Message:
     rank: int
     inc: int
     fields: dict[str, Any]
+
+
+def split_route(parts: list[bytes]) -> tuple[Route, bytes]:
+    """Split a message the collector's ROUTER received into (route, frame). A direct peer's
+    message is ``[id, frame]``; a relayed one ``[relay id, rank id, frame]``, accepted only from a
+    peer whose id starts with :data:`RELAY_ID_PREFIX` and with a rank id of 1..255 bytes. Anything
+    else raises ``FrameRejected("bad_framing")``. Replies go back as ``[*route, reply]``."""
+    if len(parts) == 2:
+        return (parts[0],), parts[1]
+    if (len(parts) == 3 and parts[0].startswith(RELAY_ID_PREFIX)
+            and 0 < len(parts[1]) <= MAX_ROUTING_ID_BYTES):
+        return (parts[0], parts[1]), parts[2]
+    raise FrameRejected("bad_framing")
 
 
 def encode(fields: dict[str, Any]) -> bytes:
