@@ -46,6 +46,8 @@ log = logging.getLogger("rlmon.collector")
 SINK_DRAIN_SECONDS = 60.0
 #: Frames handled per loop iteration before the group commit and the acknowledgements.
 MAX_FRAMES_PER_ITERATION = 2000
+#: A relay counts as connected (``rlmon_relays``) while it sent a frame within this many seconds.
+RELAY_SILENCE_SECONDS = 60.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -106,6 +108,9 @@ class CollectorService:
         self._replaying = False
         self.replayed_records = 0
         self._guard: CurveGuard | None = None
+        self.relayed_frames = 0
+        """Frames that came through a relay (``rlmon relay``)."""
+        self._relays_seen: dict[bytes, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -331,6 +336,9 @@ class CollectorService:
             except FrameRejected as exc:
                 self.state.reject(exc.reason)
                 continue
+            if len(route) > 1:
+                self.relayed_frames += 1
+                self._relays_seen[route[0]] = now
             self._handle_frame(route, frame, now, acks, replies)
         return handled
 
@@ -383,10 +391,19 @@ class CollectorService:
         self._snapshot = self._with_service_extra(self.state.snapshot(now))
 
     def _with_service_extra(self, snapshot: CollectorSnapshot) -> CollectorSnapshot:
-        """Add what the service itself measured (drawing lag, dashboards written)."""
+        """Add what the service itself measured (drawing lag, dashboards written, relays)."""
         extra = {**snapshot.extra, "render_loop_lag_seconds": self._renderer.max_lag,
-                 "dashboards_rendered": tuple(self._renderer.rendered)}
+                 "dashboards_rendered": tuple(self._renderer.rendered),
+                 "relayed_frames": self.relayed_frames,
+                 "relays": self._live_relays(snapshot.taken_at)}
         return dataclasses.replace(snapshot, extra=MappingProxyType(extra))
+
+    def _live_relays(self, now: float) -> int:
+        """Relays heard from within RELAY_SILENCE_SECONDS (older ones are forgotten)."""
+        for relay_id, seen in list(self._relays_seen.items()):
+            if now - seen > RELAY_SILENCE_SECONDS:
+                del self._relays_seen[relay_id]
+        return len(self._relays_seen)
 
     def _record_alert(self, alert: Alert) -> None:
         if self._replaying:  # already in alerts.jsonl from before the restart

@@ -259,7 +259,13 @@ def _collector_families(snap: CollectorSnapshot, max_rank_labels: int) -> Iterat
          snap.kl_threshold),
         ("rlmon_run_finished", "1 once every rank has closed and the run is finished, else 0.",
          int(snap.finished)),
+        ("rlmon_relays", "Relays (rlmon relay) that sent a frame within the last minute.",
+         snap.extra.get("relays", 0)),
     ))
+    relayed = _counter("rlmon_frames_relayed_total",
+                       "Frames that reached the collector through a relay (rlmon relay).")
+    _add_count(relayed, [], snap.extra.get("relayed_frames", 0))
+    yield relayed
     yield from _timestamp_gauges((
         ("rlmon_collector_start_timestamp_seconds", "When the collector started (Unix seconds).",
          snap.started_at),

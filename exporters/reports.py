@@ -250,7 +250,8 @@ def _json_collector(snap: CollectorSnapshot) -> dict[str, Any]:
             "kl_threshold": snap.kl_threshold,
             "alerts_firing": [{"type": t, "subject": s, "severity": v} for t, s, v in snap.firing],
             "render_loop_lag_seconds": _finite_or_none(snap.extra.get("render_loop_lag_seconds")),
-            "dashboards_rendered": list(snap.extra.get("dashboards_rendered", ()))}
+            "dashboards_rendered": list(snap.extra.get("dashboards_rendered", ())),
+            "relayed_frames": int(snap.extra.get("relayed_frames", 0))}
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -252,3 +252,27 @@ def test_structured_garbage_never_crashes_the_decoder(fields):
         wire.decode(msgpack.packb(fields))
     except FrameRejected as exc:
         assert exc.reason
+
+
+@pytest.mark.parametrize("parts, expected", [
+    ([b"id", b"frame"], ((b"id",), b"frame")),
+    ([b"rlmon-relay/n1", b"rank", b"frame"], ((b"rlmon-relay/n1", b"rank"), b"frame")),
+    ([b"rlmon-relay/n1", b"r" * 255, b"frame"], ((b"rlmon-relay/n1", b"r" * 255), b"frame")),
+])
+def test_split_route_accepts_direct_and_relayed_messages(parts, expected):
+    """[id, frame] from any peer; [relay id, rank id, frame] from a relay's id."""
+    assert wire.split_route(parts) == expected
+
+
+@pytest.mark.parametrize("parts", [
+    [b"frame"],
+    [b"id", b"rank", b"frame"],                                # not a relay's id
+    [b"rlmon-relay/n1", b"", b"frame"],                        # empty rank id
+    [b"rlmon-relay/n1", b"r" * 256, b"frame"],                 # past ZeroMQ's 255 bytes
+    [b"rlmon-relay/n1", b"relay2", b"rank", b"frame"],         # two hops
+])
+def test_split_route_refuses_other_envelopes(parts):
+    """Every other shape is bad_framing."""
+    with pytest.raises(FrameRejected) as caught:
+        wire.split_route(parts)
+    assert caught.value.reason == "bad_framing"
