@@ -15,13 +15,14 @@ window, to see growth), drops from the ranks' ledgers and the collector's ``/met
 (steps emitted minus dropped minus stored), and ranks that fell behind their schedule. A verdict
 says whether the collector kept up (p99 lag ≤ 250 ms, nothing dropped or lost).
 
-Not done: a per-node relay (a ZeroMQ ``zmq.proxy`` ROUTER→DEALER in front of the collector). The
-collector's ROUTER accepts only ``[identity, frame]``; behind such a proxy it receives
-``[relay identity, rank identity, frame]`` and rejects it as ``bad_framing``, and its replies
-(acks, stop states) would need the rank identity to route back. A relay needs that envelope in the
-protocol (``docs/protocol.md``) first. Usage::
+With ``--ranks-per-relay K`` (K > 0) the ranks are split into groups of K, as on nodes of K GPUs,
+and each group reaches the collector through its own relay (:class:`rlmon.relay.Relay`, ZeroMQ's
+proxy; a forked process per group, listening on ``ipc://``): the collector then holds one
+connection per group instead of one per rank. The relays' CPU is reported beside the ranks'.
+Usage::
 
     python benchmarks/scale.py --ranks 64,256,1024 --seconds 30
+    python benchmarks/scale.py --ranks 64,256,1024 --seconds 30 --ranks-per-relay 8
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from benchmarks.common import (REPO, by_label, child_env, cpu_seconds, fmt, fork
                                status_kib, stop_process, table, write_json)
 
 DEFAULTS = {"ranks": "64,256,1024", "seconds": 30.0, "rate": 10.0, "scalars": 32,
-            "flush_interval": 0.02, "scale_rounds": 1}
+            "flush_interval": 0.02, "scale_rounds": 1, "ranks_per_relay": "0"}
 QUICK = {"ranks": "8,16", "seconds": 3.0}
 LAG_BUDGET_S = 0.25
 SCALE_NAMES = tuple(f"m{k:03d}" for k in range(254)) + ("reward", "kl")
@@ -61,19 +62,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flush-interval", type=float,
                        help="RLMON_FLUSH_INTERVAL of the ranks (rlmon's default 0.02 s)")
     group.add_argument("--scale-rounds", type=int, help="rounds over the rank counts (1)")
+    group.add_argument("--ranks-per-relay",
+                       help="comma-separated K: 0 = ranks connect straight to the collector; "
+                            "K > 0 = each group of K ranks through its own relay; several values "
+                            "are measured one after the other for each rank count (default 0)")
 
 
 def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """Each rank count in a fresh process, rounds after rounds; the per-count records."""
     records = []
     for round_index in range(args.scale_rounds):
-        for ranks in int_list(args.ranks):
-            result_path = out_dir / f"scale-{ranks}-{round_index}.json"
+        for ranks, per_relay in [(n, k) for n in int_list(args.ranks)
+                                 for k in int_list(str(args.ranks_per_relay))]:
+            result_path = out_dir / f"scale-{ranks}-{per_relay}-{round_index}.json"
             command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--one", str(ranks),
                        "--seconds", str(args.seconds), "--rate", str(args.rate),
                        "--scalars", str(args.scalars), "--flush-interval", str(args.flush_interval),
-                       "--result", str(result_path)]
-            print(f"  scale: {ranks} ranks for {args.seconds:g} s", file=sys.stderr, flush=True)
+                       "--ranks-per-relay", str(per_relay), "--result", str(result_path)]
+            via = f", {per_relay} per relay" if per_relay else ""
+            print(f"  scale: {ranks} ranks{via} for {args.seconds:g} s", file=sys.stderr, flush=True)
             outcome = run_json_command(command, timeout=args.seconds * 4 + 300 + ranks * 0.2)
             record = _load(result_path, outcome)
             record.update(ranks=ranks, round=round_index)
@@ -91,8 +98,10 @@ def _load(path: Path, outcome: dict) -> dict[str, Any]:
 
 # -- one rank count, in its own process ------------------------------------------------------------
 
-def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: float) -> dict:
-    """Collector, ``ranks`` forked ranks, the measured window, the ledgers; the record."""
+def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: float,
+                ranks_per_relay: int = 0) -> dict:
+    """Collector, the relays (if any), ``ranks`` forked ranks, the measured window, the
+    ledgers; the record."""
     import rlmon  # noqa: F401  (imported before the fork: the ranks share these pages)
     import zmq  # noqa: F401
 
@@ -104,18 +113,25 @@ def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: fl
             start_delay = 2.0 + 0.006 * ranks
             plan = {"world": ranks, "endpoint": info["endpoint"], "t0": time.time() + start_delay,
                     "steps": int(seconds * rate), "period": 1.0 / rate, "scalars": scalars,
-                    "flush": flush, "dir": str(tmp_path / "ranks"), "run_id": "bench-scale"}
+                    "flush": flush, "dir": str(tmp_path / "ranks"), "run_id": "bench-scale",
+                    "relays": relay_endpoints(tmp_path, ranks, ranks_per_relay),
+                    "ranks_per_relay": ranks_per_relay}
             (tmp_path / "ranks").mkdir()
+            relay_pids = [fork_call(relay_main, endpoint, info["endpoint"])
+                          for endpoint in plan["relays"]]
             pids = [fork_call(rank_main, rank, plan) for rank in range(ranks)]
             window = _watch(collector.pid, pids, plan, seconds)
             rank_cpu, unreaped = reap(pids, timeout=60 + 0.05 * ranks)
             collected = _quiescent_metrics(info["metrics_url"])
         finally:
+            relay_cpu = stop_relays(relay_pids)
             finalize_s = stop_process(collector, timeout=600)
         lag = _lag_stats(tmp_path / "lag.npy", plan["t0"], plan["t0"] + seconds)
         ledgers = _ledgers(tmp_path / "ranks", ranks)
     return {**window, **collected, **ledgers, "lag": lag, "ranks_cpu_s": rank_cpu,
             "ranks_unreaped": unreaped, "collector_finalize_s": finalize_s,
+            "relays": len(plan["relays"]), "relays_cpu_s": relay_cpu,
+            "ranks_per_relay": ranks_per_relay,
             "steps_per_rank": plan["steps"], "scalars": scalars, "rate": rate, "seconds": seconds,
             "flush_interval": flush, "max_series": max_series}
 
@@ -141,10 +157,45 @@ def _start_tapped_collector(tmp: Path, ranks: int, max_series: int
     return process, wait_for_collector(out / "collector.json", process, 180)
 
 
+def relay_endpoints(tmp: Path, ranks: int, ranks_per_relay: int) -> list[str]:
+    """One ``ipc://`` address per group of ``ranks_per_relay`` ranks (none without relays)."""
+    if ranks_per_relay <= 0:
+        return []
+    return [f"ipc://{tmp}/relay-{index}.sock" for index in range(-(-ranks // ranks_per_relay))]
+
+
+def relay_main(bind: str, collector_endpoint: str) -> int:
+    """A relay (in a forked child) until SIGTERM."""
+    import signal
+    import threading
+
+    from rlmon.relay import Relay
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    relay = Relay(collector_endpoint, bind)
+    relay.start()
+    while not stop.wait(0.5) and relay.running:
+        pass
+    return 0 if relay.close() else 1
+
+
+def stop_relays(pids: list[int]) -> float:
+    """SIGTERM the relays; their CPU seconds."""
+    import signal
+
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    return reap(pids, timeout=30)[0]
+
+
 def rank_main(rank: int, plan: dict) -> int:
-    """A simulated rank (in a forked child): rlmon's real publisher, the shared schedule."""
+    """A simulated rank (in a forked child): rlmon's real publisher, the shared schedule; behind
+    its group's relay when there are relays."""
+    relays, per_relay = plan["relays"], plan["ranks_per_relay"]
+    endpoint = relays[rank // per_relay] if relays else plan["endpoint"]
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % 8), WORLD_SIZE=str(plan["world"]),
-                      RLMON_ENDPOINT=plan["endpoint"], RLMON_RUN_ID=plan["run_id"],
+                      RLMON_ENDPOINT=endpoint, RLMON_RUN_ID=plan["run_id"],
                       RLMON_FLUSH_INTERVAL=str(plan["flush"]))
     import rlmon
 
@@ -288,12 +339,13 @@ def markdown(results: dict[str, Any]) -> str:
     rows = []
     for r in results["records"]:
         lag = r.get("lag", {})
-        rows.append([r["ranks"], r.get("round"), r.get("collector_cpu_percent"),
+        rows.append([r["ranks"], r.get("relays", 0), r.get("round"), r.get("collector_cpu_percent"),
                      r.get("collector_rss_peak_mb"), _ms(lag.get("p50")), _ms(lag.get("p99")),
                      _ms(lag.get("max")), f"{fmt(_ms(lag.get('p99_first_fifth')))} → "
                      f"{fmt(_ms(lag.get('p99_last_fifth')))}", r.get("emitted"),
                      sum(r.get("ranks_dropped", {}).values()) if "emitted" in r else None,
                      loss_steps(r) if "emitted" in r else None, r.get("ranks_cpu_s"),
+                     r.get("relays_cpu_s") if r.get("relays") else None,
                      r.get("ranks_pss_sum_mb"), r.get("ranks_rss_sum_mb"), verdict(r)])
     return ("## Scale: simulated ranks against one collector\n\n"
             f"Each rank a forked process with its own DEALER socket (rlmon's publisher), "
@@ -304,12 +356,13 @@ def markdown(results: dict[str, Any]) -> str:
             "(includes the flush interval). Collector CPU: % of one core over the window. "
             "Ranks' memory: sum over ranks at mid-window (PSS divides the pages shared after the "
             "fork).\n\n" + table(
-                ["ranks", "round", "collector CPU %", "collector RSS peak MB", "lag p50 ms",
-                 "lag p99 ms", "lag max ms", "p99 first → last fifth ms", "steps emitted",
-                 "dropped", "lost", "ranks CPU s", "ranks PSS MB", "ranks RSS MB", "verdict"], rows)
-            + "\nPer-node relay (ZeroMQ proxy in front of the collector): **not done** — see "
-              "`benchmarks/scale.py`'s docstring (the collector's ROUTER takes only "
-              "`[identity, frame]`; a relay needs a routing envelope in the protocol first).\n")
+                ["ranks", "relays", "round", "collector CPU %", "collector RSS peak MB",
+                 "lag p50 ms", "lag p99 ms", "lag max ms", "p99 first → last fifth ms",
+                 "steps emitted", "dropped", "lost", "ranks CPU s", "relays CPU s",
+                 "ranks PSS MB", "ranks RSS MB", "verdict"], rows)
+            + "\nRelays: 0 = every rank connected straight to the collector; otherwise each group "
+              "of `--ranks-per-relay` ranks went through its own relay (`rlmon.relay.Relay`, "
+              "ZeroMQ's proxy, a forked process listening on `ipc://`).\n")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -317,35 +370,41 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``scale_lag.png``: p50 / p99 / max log-to-store lag (and collector CPU) by rank count."""
+    """``scale_lag.png``: p99 and max log-to-store lag and the collector's CPU by rank count,
+    one line per setting (ranks straight to the collector, or K ranks per relay)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    good = sorted((r for r in results["records"] if r.get("lag", {}).get("n")),
-                  key=lambda r: r["ranks"])
+    good = [r for r in results["records"] if r.get("lag", {}).get("n")]
     if not good:
         return []
     fig, ax = plt.subplots(figsize=(7, 5))
-    xs = [r["ranks"] for r in good]
-    for key, style in (("p50", "o-"), ("p99", "s-"), ("max", "^--")):
-        ax.plot(xs, [r["lag"][key] * 1e3 for r in good], style, label=f"lag {key}")
+    cpu = ax.twinx()
+    all_ranks = sorted({r["ranks"] for r in good})
+    for per_relay in sorted({r.get("ranks_per_relay", 0) for r in good}):
+        rows = sorted((r for r in good if r.get("ranks_per_relay", 0) == per_relay),
+                      key=lambda r: r["ranks"])
+        xs = [r["ranks"] for r in rows]
+        setting = f"{per_relay} ranks per relay" if per_relay else "direct"
+        for key, style in (("p99", "s-"), ("max", "^--")):
+            ax.plot(xs, [r["lag"][key] * 1e3 for r in rows], style,
+                    label=f"lag {key}, {setting}")
+        cpu.plot(xs, [r.get("collector_cpu_percent", 0) for r in rows], ":", marker="x",
+                 label=f"collector CPU %, {setting} (right)")
     ax.axhline(LAG_BUDGET_S * 1e3, color="red", linestyle=":", label="p99 budget 250 ms")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xticks(all_ranks, [str(x) for x in all_ranks])
     ax.set_xlabel("simulated ranks")
     ax.set_ylabel("log → store lag, ms")
     ax.set_title("Collector lag and CPU against rank count")
-    cpu = ax.twinx()
-    cpu.plot(xs, [r.get("collector_cpu_percent", 0) for r in good], "k:", marker="x",
-             label="collector CPU % (right)")
     cpu.set_ylabel("collector CPU, % of one core")
     cpu.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     extra = cpu.get_legend_handles_labels()
-    ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper left")
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper left", fontsize=7)
     fig.tight_layout()
     path = out_dir / "scale_lag.png"
     fig.savefig(path, dpi=110)
@@ -362,7 +421,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.add_argument("--result", type=Path, required=True)
         add_arguments(parser)
         args = parser.parse_args(argv)
-        record = measure_one(args.one, args.seconds, args.rate, args.scalars, args.flush_interval)
+        record = measure_one(args.one, args.seconds, args.rate, args.scalars, args.flush_interval,
+                             int(args.ranks_per_relay or 0))
         write_json(args.result, record)
         return None
     return standalone("scale", __doc__, add_arguments, DEFAULTS, QUICK, run, markdown, argv)

@@ -141,7 +141,7 @@ class Relay:
         return sock
 
     def _serve(self, proxy_end: zmq.Socket) -> None:
-        """The proxy thread: forward until TERMINATE; then stop, or re-bind the frontend and go on."""
+        """The proxy thread: forward until TERMINATE; then stop, or re-bind the frontend."""
         try:
             while True:
                 zmq.proxy_steerable(self._frontend, self._backend, None, proxy_end)

@@ -39,13 +39,14 @@ def _start_relay(collector_endpoint: str, ready_file: Path) -> tuple[subprocess.
 
 
 def test_a_torchrun_job_behind_a_relay_is_acknowledged_and_stopped_at_one_step(tmp_path):
-    """rlmon launch → rlmon relay → torchrun (2 ranks): every frame reaches the collector through
+    """rlmon launch → rlmon relay → torchrun (2 ranks): every frame reaches the collector via
     the relay, the KL stop reaches both ranks at the same step, and verify proves every step
     acknowledged."""
     out = tmp_path / "run"
     job = subprocess.Popen([*rlmon_command(), "launch", "--no-top", "--out", str(out), "--",
                             *rlmon_command(), "relay", "--",
-                            *torchrun_command(2), str(TOY_TRAINER), "--out", str(tmp_path / "ranks"),
+                            *torchrun_command(2), str(TOY_TRAINER),
+                            "--out", str(tmp_path / "ranks"),
                             "--steps", "400", "--kl-spike-at", "30", "--step-seconds", "0.005"],
                            env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
