@@ -46,7 +46,8 @@ from benchmarks.common import (REPO, by_label, child_env, cpu_seconds, fmt, fork
                                status_kib, stop_process, table, write_json)
 
 DEFAULTS = {"ranks": "64,256,1024", "seconds": 30.0, "rate": 10.0, "scalars": 32,
-            "flush_interval": 0.02, "scale_rounds": 1, "ranks_per_relay": "0"}
+            "flush_interval": 0.02, "scale_rounds": 1, "ranks_per_relay": "0",
+            "rank_kind": "publisher"}
 QUICK = {"ranks": "8,16", "seconds": 3.0}
 LAG_BUDGET_S = 0.25
 SCALE_NAMES = tuple(f"m{k:03d}" for k in range(254)) + ("reward", "kl")
@@ -62,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flush-interval", type=float,
                        help="RLMON_FLUSH_INTERVAL of the ranks (rlmon's default 0.02 s)")
     group.add_argument("--scale-rounds", type=int, help="rounds over the rank counts (1)")
+    group.add_argument("--rank-kind", choices=("publisher", "lean"),
+                       help="publisher: each simulated rank runs rlmon's real publisher (the "
+                            "default); lean: a minimal client of the wire protocol, one batch "
+                            "per step, so more ranks fit on one host")
     group.add_argument("--ranks-per-relay",
                        help="comma-separated K: 0 = ranks connect straight to the collector; "
                             "K > 0 = each group of K ranks through its own relay; several values "
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             command = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--one", str(ranks),
                        "--seconds", str(args.seconds), "--rate", str(args.rate),
                        "--scalars", str(args.scalars), "--flush-interval", str(args.flush_interval),
-                       "--ranks-per-relay", str(per_relay), "--result", str(result_path)]
+                       "--ranks-per-relay", str(per_relay), "--rank-kind", args.rank_kind,
+                       "--result", str(result_path)]
             via = f", {per_relay} per relay" if per_relay else ""
             print(f"  scale: {ranks} ranks{via} for {args.seconds:g} s", file=sys.stderr, flush=True)
             outcome = run_json_command(command, timeout=args.seconds * 4 + 300 + ranks * 0.2)
@@ -99,7 +105,7 @@ def _load(path: Path, outcome: dict) -> dict[str, Any]:
 # -- one rank count, in its own process ------------------------------------------------------------
 
 def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: float,
-                ranks_per_relay: int = 0) -> dict:
+                ranks_per_relay: int = 0, rank_kind: str = "publisher") -> dict:
     """Collector, the relays (if any), ``ranks`` forked ranks, the measured window, the
     ledgers; the record."""
     import rlmon  # noqa: F401  (imported before the fork: the ranks share these pages)
@@ -119,7 +125,8 @@ def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: fl
             (tmp_path / "ranks").mkdir()
             relay_pids = [fork_call(relay_main, endpoint, info["endpoint"])
                           for endpoint in plan["relays"]]
-            pids = [fork_call(rank_main, rank, plan) for rank in range(ranks)]
+            main = lean_rank_main if rank_kind == "lean" else rank_main
+            pids = [fork_call(main, rank, plan) for rank in range(ranks)]
             window = _watch(collector.pid, pids, plan, seconds)
             rank_cpu, unreaped = reap(pids, timeout=60 + 0.05 * ranks)
             collected = _quiescent_metrics(info["metrics_url"])
@@ -131,7 +138,7 @@ def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: fl
     return {**window, **collected, **ledgers, "lag": lag, "ranks_cpu_s": rank_cpu,
             "ranks_unreaped": unreaped, "collector_finalize_s": finalize_s,
             "relays": len(plan["relays"]), "relays_cpu_s": relay_cpu,
-            "ranks_per_relay": ranks_per_relay,
+            "ranks_per_relay": ranks_per_relay, "rank_kind": rank_kind,
             "steps_per_rank": plan["steps"], "scalars": scalars, "rate": rate, "seconds": seconds,
             "flush_interval": flush, "max_series": max_series}
 
@@ -213,6 +220,75 @@ def rank_main(rank: int, plan: dict) -> int:
     mon.close()
     stats = mon.statistics()
     stats.update(seq=getattr(mon._publisher, "_seq", None), late_steps=late, worst_behind_s=worst)
+    Path(plan["dir"], f"{rank}.json").write_text(json.dumps(stats))
+    return 0
+
+
+def lean_rank_main(rank: int, plan: dict) -> int:
+    """A lean simulated rank (``--rank-kind lean``, in a forked child): no publisher thread, one
+    DEALER speaking the wire protocol itself (HELLO, one packed BATCH per step sent at once,
+    ACKs read as they come, BYE). It costs the host a fraction of what rlmon's publisher costs
+    (no sender thread waking on its own cadence), so more ranks fit on one host; the collector
+    sees the same frames a publisher sends at one step per batch."""
+    import zmq
+
+    from rlmon import wire
+    from rlmon.wire import Kind
+
+    relays, per_relay = plan["relays"], plan["ranks_per_relay"]
+    endpoint = relays[rank // per_relay] if relays else plan["endpoint"]
+    run, inc = plan["run_id"], (rank * 7919 + 1) & 0x7FFFFFFF
+    names = list(SCALE_NAMES[-plan["scalars"]:])
+    context = zmq.Context(io_threads=1)
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    sock.connect(endpoint)
+    sent = {"seq": 0, "acked_seq": 0, "dropped": 0, "bye": False}
+
+    def send(message: dict) -> None:
+        try:
+            sock.send(wire.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            sent["dropped"] += 1
+
+    def read_acks() -> None:
+        while True:
+            try:
+                reply = wire.decode(sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if reply.kind is Kind.ACK:
+                sent["acked_seq"] = max(sent["acked_seq"], reply.fields["seq"])
+                sent["bye"] = sent["bye"] or bool(reply.fields.get("bye"))
+
+    send(wire.envelope(Kind.HELLO, run, rank, inc, world=plan["world"], local_rank=rank % 8,
+                       pid=os.getpid(), host="sim", t=time.time()))
+    late, worst, t0, period = 0, 0.0, plan["t0"], plan["period"]
+    for step in range(plan["steps"]):
+        delay = t0 + step * period - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            late, worst = late + 1, max(worst, -delay)
+        now = time.time()
+        row = [0.01 + 1e-4 * ((step * 7 + k) % 13) for k in range(len(names))]
+        sent["seq"] += 1
+        send(wire.envelope(Kind.BATCH, run, rank, inc, seq=sent["seq"], t=now, step=step,
+                           blocks=[wire.pack_block(names, [step], [now], [row])]))
+        read_acks()
+    send(wire.envelope(Kind.BYE, run, rank, inc, seq=sent["seq"], step=plan["steps"] - 1))
+    deadline = time.monotonic() + 30
+    while not sent["bye"] and time.monotonic() < deadline:
+        if sock.poll(200, zmq.POLLIN):
+            read_acks()
+    sock.close(linger=0)
+    context.term()
+    steps = plan["steps"]
+    acked = min(steps, sent["acked_seq"])
+    stats = {"emitted": steps, "acked": acked, "dropped": {"queue_full": sent["dropped"]}
+             if sent["dropped"] else {}, "unacked": steps - acked, "seq": sent["seq"],
+             "acked_seq": sent["acked_seq"], "late_steps": late, "worst_behind_s": worst}
     Path(plan["dir"], f"{rank}.json").write_text(json.dumps(stats))
     return 0
 
@@ -348,7 +424,9 @@ def markdown(results: dict[str, Any]) -> str:
                      r.get("relays_cpu_s") if r.get("relays") else None,
                      r.get("ranks_pss_sum_mb"), r.get("ranks_rss_sum_mb"), verdict(r)])
     return ("## Scale: simulated ranks against one collector\n\n"
-            f"Each rank a forked process with its own DEALER socket (rlmon's publisher), "
+            f"Each rank a forked process with its own DEALER socket ("
+            + ("a lean client of the wire protocol, one packed batch per step, no publisher "
+               "thread" if s.get("rank_kind") == "lean" else "rlmon's publisher") + "), "
             f"{s['scalars']} scalars at {s['rate']:g} steps/s for {s['seconds']:g} s, flush "
             f"interval {s['flush_interval']:g} s; collector with `--visualization-frequency 0` "
             "and `--max-series` raised to hold every (metric, rank) series. "
@@ -422,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         add_arguments(parser)
         args = parser.parse_args(argv)
         record = measure_one(args.one, args.seconds, args.rate, args.scalars, args.flush_interval,
-                             int(args.ranks_per_relay or 0))
+                             int(args.ranks_per_relay or 0), args.rank_kind or "publisher")
         write_json(args.result, record)
         return None
     return standalone("scale", __doc__, add_arguments, DEFAULTS, QUICK, run, markdown, argv)

@@ -187,9 +187,13 @@ class Relay:
             connections.close(linger=0)
 
     def _command(self, command: bytes) -> None:
+        """Send the proxy a command (never blocks: a proxy thread that ended reads none)."""
         with self._control_lock:
             if self._control is not None:
-                self._control.send(command)
+                try:
+                    self._control.send(command, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
 
 
 def run_relay(collector_endpoint: str | None, bind: str, command: list[str],
