@@ -41,13 +41,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (REPO, by_label, child_env, cpu_seconds, fmt, fork_call,  # noqa: E402
-                               int_list, percentiles, pss_bytes, reap, rss_bytes,
+                               int_list, percentiles, pss_bytes, reap, resolve, rss_bytes,
                                run_json_command, sample_sum, scrape, sleep_until, standalone,
                                status_kib, stop_process, table, write_json)
 
 DEFAULTS = {"ranks": "64,256,1024", "seconds": 30.0, "rate": 10.0, "scalars": 32,
             "flush_interval": 0.02, "scale_rounds": 1, "ranks_per_relay": "0",
-            "rank_kind": "publisher"}
+            "rank_kind": "publisher", "ranks_per_process": 1}
 QUICK = {"ranks": "8,16", "seconds": 3.0}
 LAG_BUDGET_S = 0.25
 SCALE_NAMES = tuple(f"m{k:03d}" for k in range(254)) + ("reward", "kl")
@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="publisher: each simulated rank runs rlmon's real publisher (the "
                             "default); lean: a minimal client of the wire protocol, one batch "
                             "per step, so more ranks fit on one host")
+    group.add_argument("--ranks-per-process", type=int,
+                       help="with --rank-kind lean: simulated ranks per process, each still with "
+                            "its own socket (default 1: a process per rank)")
     group.add_argument("--ranks-per-relay",
                        help="comma-separated K: 0 = ranks connect straight to the collector; "
                             "K > 0 = each group of K ranks through its own relay; several values "
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
                        "--seconds", str(args.seconds), "--rate", str(args.rate),
                        "--scalars", str(args.scalars), "--flush-interval", str(args.flush_interval),
                        "--ranks-per-relay", str(per_relay), "--rank-kind", args.rank_kind,
+                       "--ranks-per-process", str(args.ranks_per_process),
                        "--result", str(result_path)]
             via = f", {per_relay} per relay" if per_relay else ""
             print(f"  scale: {ranks} ranks{via} for {args.seconds:g} s", file=sys.stderr, flush=True)
@@ -105,7 +109,8 @@ def _load(path: Path, outcome: dict) -> dict[str, Any]:
 # -- one rank count, in its own process ------------------------------------------------------------
 
 def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: float,
-                ranks_per_relay: int = 0, rank_kind: str = "publisher") -> dict:
+                ranks_per_relay: int = 0, rank_kind: str = "publisher",
+                per_process: int = 1) -> dict:
     """Collector, the relays (if any), ``ranks`` forked ranks, the measured window, the
     ledgers; the record."""
     import rlmon  # noqa: F401  (imported before the fork: the ranks share these pages)
@@ -125,8 +130,11 @@ def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: fl
             (tmp_path / "ranks").mkdir()
             relay_pids = [fork_call(relay_main, endpoint, info["endpoint"])
                           for endpoint in plan["relays"]]
-            main = lean_rank_main if rank_kind == "lean" else rank_main
-            pids = [fork_call(main, rank, plan) for rank in range(ranks)]
+            if rank_kind == "lean":
+                pids = [fork_call(lean_ranks_main, first, min(per_process, ranks - first), plan)
+                        for first in range(0, ranks, per_process)]
+            else:
+                pids = [fork_call(rank_main, rank, plan) for rank in range(ranks)]
             window = _watch(collector.pid, pids, plan, seconds)
             rank_cpu, unreaped = reap(pids, timeout=60 + 0.05 * ranks)
             collected = _quiescent_metrics(info["metrics_url"])
@@ -139,6 +147,7 @@ def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: fl
             "ranks_unreaped": unreaped, "collector_finalize_s": finalize_s,
             "relays": len(plan["relays"]), "relays_cpu_s": relay_cpu,
             "ranks_per_relay": ranks_per_relay, "rank_kind": rank_kind,
+            "ranks_per_process": per_process if rank_kind == "lean" else 1,
             "steps_per_rank": plan["steps"], "scalars": scalars, "rate": rate, "seconds": seconds,
             "flush_interval": flush, "max_series": max_series}
 
@@ -224,73 +233,115 @@ def rank_main(rank: int, plan: dict) -> int:
     return 0
 
 
-def lean_rank_main(rank: int, plan: dict) -> int:
-    """A lean simulated rank (``--rank-kind lean``, in a forked child): no publisher thread, one
-    DEALER speaking the wire protocol itself (HELLO, one packed BATCH per step sent at once,
-    ACKs read as they come, BYE). It costs the host a fraction of what rlmon's publisher costs
-    (no sender thread waking on its own cadence), so more ranks fit on one host; the collector
-    sees the same frames a publisher sends at one step per batch."""
+def lean_ranks_main(first: int, count: int, plan: dict) -> int:
+    """Lean simulated ranks ``first .. first + count - 1`` (``--rank-kind lean``, in one forked
+    child): no publisher thread; each rank has its own DEALER socket and speaks the wire protocol
+    itself (HELLO, one packed BATCH per step sent at once, ACKs read as they come, BYE). The
+    collector sees the frames a publisher sends at one step per batch, at a fraction of the
+    host's CPU, so more ranks fit on one host. With ``count`` > 1 the process's ranks share its
+    ZeroMQ I/O thread (``--ranks-per-process``)."""
     import zmq
 
-    from rlmon import wire
-    from rlmon.wire import Kind
-
-    relays, per_relay = plan["relays"], plan["ranks_per_relay"]
-    endpoint = relays[rank // per_relay] if relays else plan["endpoint"]
-    run, inc = plan["run_id"], (rank * 7919 + 1) & 0x7FFFFFFF
-    names = list(SCALE_NAMES[-plan["scalars"]:])
     context = zmq.Context(io_threads=1)
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 1000)
-    sock.connect(endpoint)
-    sent = {"seq": 0, "acked_seq": 0, "dropped": 0, "bye": False}
-
-    def send(message: dict) -> None:
-        try:
-            sock.send(wire.encode(message), zmq.NOBLOCK)
-        except zmq.Again:
-            sent["dropped"] += 1
-
-    def read_acks() -> None:
-        while True:
-            try:
-                reply = wire.decode(sock.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            if reply.kind is Kind.ACK:
-                sent["acked_seq"] = max(sent["acked_seq"], reply.fields["seq"])
-                sent["bye"] = sent["bye"] or bool(reply.fields.get("bye"))
-
-    send(wire.envelope(Kind.HELLO, run, rank, inc, world=plan["world"], local_rank=rank % 8,
-                       pid=os.getpid(), host="sim", t=time.time()))
-    late, worst, t0, period = 0, 0.0, plan["t0"], plan["period"]
+    context.setsockopt(zmq.MAX_SOCKETS, count + 64)
+    ranks = [LeanRank(context, rank, plan) for rank in range(first, first + count)]
+    poller = zmq.Poller()
+    for rank in ranks:
+        poller.register(rank.sock, zmq.POLLIN)
+    t0, period = plan["t0"], plan["period"]
     for step in range(plan["steps"]):
         delay = t0 + step * period - time.time()
         if delay > 0:
             time.sleep(delay)
         else:
-            late, worst = late + 1, max(worst, -delay)
-        now = time.time()
-        row = [0.01 + 1e-4 * ((step * 7 + k) % 13) for k in range(len(names))]
-        sent["seq"] += 1
-        send(wire.envelope(Kind.BATCH, run, rank, inc, seq=sent["seq"], t=now, step=step,
-                           blocks=[wire.pack_block(names, [step], [now], [row])]))
-        read_acks()
-    send(wire.envelope(Kind.BYE, run, rank, inc, seq=sent["seq"], step=plan["steps"] - 1))
+            for rank in ranks:
+                rank.late, rank.worst = rank.late + 1, max(rank.worst, -delay)
+        for rank in ranks:
+            rank.send_step(step)
+        for sock, _ in poller.poll(0):
+            LeanRank.by_socket[sock].read_acks()
+    for rank in ranks:
+        rank.say_bye(plan["steps"] - 1)
     deadline = time.monotonic() + 30
-    while not sent["bye"] and time.monotonic() < deadline:
-        if sock.poll(200, zmq.POLLIN):
-            read_acks()
-    sock.close(linger=0)
+    while any(not rank.bye for rank in ranks) and time.monotonic() < deadline:
+        for sock, _ in poller.poll(200):
+            LeanRank.by_socket[sock].read_acks()
+    for rank in ranks:
+        rank.write_ledger(plan)
+        rank.sock.close(linger=0)
     context.term()
-    steps = plan["steps"]
-    acked = min(steps, sent["acked_seq"])
-    stats = {"emitted": steps, "acked": acked, "dropped": {"queue_full": sent["dropped"]}
-             if sent["dropped"] else {}, "unacked": steps - acked, "seq": sent["seq"],
-             "acked_seq": sent["acked_seq"], "late_steps": late, "worst_behind_s": worst}
-    Path(plan["dir"], f"{rank}.json").write_text(json.dumps(stats))
     return 0
+
+
+class LeanRank:
+    """One lean simulated rank: its socket, its seq, what the collector acknowledged."""
+
+    by_socket: dict[Any, "LeanRank"] = {}
+
+    def __init__(self, context: Any, rank: int, plan: dict) -> None:
+        import zmq
+
+        from rlmon import wire
+        from rlmon.wire import Kind
+
+        self.wire, self.kind, self.rank = wire, Kind, rank
+        self.run, self.inc = plan["run_id"], (rank * 7919 + 1) & 0x7FFFFFFF
+        self.names = list(SCALE_NAMES[-plan["scalars"]:])
+        relays, per_relay = plan["relays"], plan["ranks_per_relay"]
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 1000)
+        self.sock.connect(relays[rank // per_relay] if relays else plan["endpoint"])
+        LeanRank.by_socket[self.sock] = self
+        self.seq = self.acked_seq = self.dropped = self.late = 0
+        self.worst, self.bye = 0.0, False
+        self.send(Kind.HELLO, world=plan["world"], local_rank=rank % 8, pid=os.getpid(),
+                  host="sim", t=time.time())
+
+    def send(self, kind: Any, **fields: Any) -> None:
+        """Encode and send without blocking; a refused frame is counted."""
+        import zmq
+
+        frame = self.wire.encode(self.wire.envelope(kind, self.run, self.rank, self.inc, **fields))
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+
+    def send_step(self, step: int) -> None:
+        """One step of the schedule's scalars, as one packed BATCH."""
+        now = time.time()
+        row = [0.01 + 1e-4 * ((step * 7 + k) % 13) for k in range(len(self.names))]
+        self.seq += 1
+        self.send(self.kind.BATCH, seq=self.seq, t=now, step=step,
+                  blocks=[self.wire.pack_block(self.names, [step], [now], [row])])
+
+    def read_acks(self) -> None:
+        """Take every reply waiting on the socket."""
+        import zmq
+
+        while True:
+            try:
+                reply = self.wire.decode(self.sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if reply.kind is self.kind.ACK:
+                self.acked_seq = max(self.acked_seq, reply.fields["seq"])
+                self.bye = self.bye or bool(reply.fields.get("bye"))
+
+    def say_bye(self, last_step: int) -> None:
+        """BYE with the last seq sent."""
+        self.send(self.kind.BYE, seq=self.seq, step=last_step)
+
+    def write_ledger(self, plan: dict) -> None:
+        """The same per-rank JSON as :func:`rank_main` writes."""
+        steps = plan["steps"]
+        acked = min(steps, self.acked_seq)
+        stats = {"emitted": steps, "acked": acked,
+                 "dropped": {"queue_full": self.dropped} if self.dropped else {},
+                 "unacked": steps - acked, "seq": self.seq, "acked_seq": self.acked_seq,
+                 "late_steps": self.late, "worst_behind_s": self.worst}
+        Path(plan["dir"], f"{self.rank}.json").write_text(json.dumps(stats))
 
 
 def _watch(collector_pid: int, pids: list[int], plan: dict, seconds: float) -> dict[str, Any]:
@@ -424,9 +475,7 @@ def markdown(results: dict[str, Any]) -> str:
                      r.get("relays_cpu_s") if r.get("relays") else None,
                      r.get("ranks_pss_sum_mb"), r.get("ranks_rss_sum_mb"), verdict(r)])
     return ("## Scale: simulated ranks against one collector\n\n"
-            f"Each rank a forked process with its own DEALER socket ("
-            + ("a lean client of the wire protocol, one packed batch per step, no publisher "
-               "thread" if s.get("rank_kind") == "lean" else "rlmon's publisher") + "), "
+            + _ranks_description(s) + ", "
             f"{s['scalars']} scalars at {s['rate']:g} steps/s for {s['seconds']:g} s, flush "
             f"interval {s['flush_interval']:g} s; collector with `--visualization-frequency 0` "
             "and `--max-series` raised to hold every (metric, rank) series. "
@@ -441,6 +490,17 @@ def markdown(results: dict[str, Any]) -> str:
             + "\nRelays: 0 = every rank connected straight to the collector; otherwise each group "
               "of `--ranks-per-relay` ranks went through its own relay (`rlmon.relay.Relay`, "
               "ZeroMQ's proxy, a forked process listening on `ipc://`).\n")
+
+
+def _ranks_description(settings: dict[str, Any]) -> str:
+    """How the simulated ranks were run, for the table's caption."""
+    if settings.get("rank_kind") != "lean":
+        return "Each rank a forked process with its own DEALER socket (rlmon's publisher)"
+    per_process = settings.get("ranks_per_process") or 1
+    where = ("a forked process per rank" if per_process == 1
+             else f"{per_process} ranks per forked process, sharing its ZeroMQ I/O thread")
+    return ("Each rank its own DEALER socket, a lean client of the wire protocol (one packed "
+            f"batch per step, no publisher thread), {where}")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -499,8 +559,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.add_argument("--result", type=Path, required=True)
         add_arguments(parser)
         args = parser.parse_args(argv)
+        resolve(args, DEFAULTS, {})  # flags not given take the defaults, as in a full run
         record = measure_one(args.one, args.seconds, args.rate, args.scalars, args.flush_interval,
-                             int(args.ranks_per_relay or 0), args.rank_kind or "publisher")
+                             int(args.ranks_per_relay), args.rank_kind, args.ranks_per_process)
         write_json(args.result, record)
         return None
     return standalone("scale", __doc__, add_arguments, DEFAULTS, QUICK, run, markdown, argv)
