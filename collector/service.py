@@ -63,7 +63,8 @@ class ServiceConfig:
     metrics_port: int = 0
     """Port of the Prometheus endpoint (0 picks a free one; -1 disables it)."""
     snapshot_interval: float = 0.25
-    """Seconds between snapshots published to the exporters."""
+    """Seconds between snapshots published to the exporters (longer when one takes more than a
+    tenth of this: a snapshot never costs more than 10 % of the receive loop)."""
     parent_pid: int = 0
     """Finish when this process is gone (the embedded default); 0 to disable."""
     metrics_tls: dict[str, str] = field(default_factory=dict)
@@ -177,7 +178,10 @@ class CollectorService:
             self._renderer.after_iteration(now)
             if now >= next_snapshot:
                 self._publish_snapshot(now)
-                next_snapshot = now + self.config.snapshot_interval
+                # A snapshot of tens of thousands of series takes milliseconds: never spend more
+                # than a tenth of the loop's time on them (at worst /metrics ages a little more).
+                cost = time.time() - now
+                next_snapshot = now + max(self.config.snapshot_interval, 10 * cost)
             if now >= next_parent_check:
                 self._check_parent()
                 self.state.tick(now)

@@ -562,8 +562,9 @@ class CollectorState:
                  window: int | None = None) -> CollectorSnapshot:
         """An immutable view for exporters. ``with_history`` copies whole series (reports)."""
         window = self.config.stats_window if window is None else window
-        metrics = {name: self._metric_snapshot(name, with_history, window)
-                   for name in self._metric_names()}
+        last_points = self._last_points_by_metric()
+        metrics = {name: self._metric_snapshot(name, with_history, window, *last_points[name])
+                   for name in sorted(last_points)}
         ranks = {r: info.snapshot() for r, info in sorted(self.ranks.ranks.items())}
         return CollectorSnapshot(
             run_id=self.config.run_id, started_at=self.started_at, taken_at=now,
@@ -583,16 +584,21 @@ class CollectorState:
                 "similarities": self.comparator.similarity_series().tolist() if with_history else [],
                 "threshold": self.comparator.degradation_threshold}}))
 
-    def _metric_names(self) -> list[str]:
-        return sorted({metric for metric, rank in self.store.keys() if rank >= 0})
+    def _last_points_by_metric(self) -> dict[str, tuple[dict[int, float], dict[int, int]]]:
+        """Per metric logged by some rank: ``({rank: last value}, {rank: its step})``, from one
+        gather over the whole store."""
+        steps, values = self.store.last_of_all()
+        by_metric: dict[str, tuple[dict[int, float], dict[int, int]]] = {}
+        for (metric, rank), step, value in zip(self.store.keys(), steps.tolist(), values.tolist()):
+            if rank < 0:
+                continue
+            last_values, last_steps = by_metric.setdefault(metric, ({}, {}))
+            last_values[rank], last_steps[rank] = value, step
+        return by_metric
 
-    def _metric_snapshot(self, name: str, with_history: bool, window: int | None) -> MetricSnapshot:
-        last_by_rank, last_step_by_rank = {}, {}
-        for rank in self.ranks.ranks:
-            series = self.store.find(name, rank)
-            if series is not None:
-                step, value = self.store.last(series)
-                last_by_rank[rank], last_step_by_rank[rank] = value, step
+    def _metric_snapshot(self, name: str, with_history: bool, window: int | None,
+                         last_by_rank: dict[int, float],
+                         last_step_by_rank: dict[int, int]) -> MetricSnapshot:
         aggregate_series = self.store.find(name, AGGREGATE_RANK)
         if aggregate_series is None:  # no step completed yet: describe rank 0's series instead
             aggregate_series = self.store.find(name, min(last_by_rank, default=0))
