@@ -13,14 +13,15 @@ import pytest
 from tests.integration.helpers import REPO, child_env
 
 
-@pytest.mark.parametrize("rank_kind, ranks_per_relay", [("publisher", 2), ("lean", 0),
-                                                        ("lean", 3)])
-def test_scale_run_delivers_every_step(tmp_path, rank_kind, ranks_per_relay):
+@pytest.mark.parametrize("rank_kind, ranks_per_relay, steps_per_frame",
+                         [("publisher", 2, 1), ("lean", 0, 3), ("lean", 3, 1)])
+def test_scale_run_delivers_every_step(tmp_path, rank_kind, ranks_per_relay, steps_per_frame):
     """4 ranks × 2 s at 10 steps/s: every step stored, none dropped, the relays counted."""
     result = tmp_path / "scale.json"
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--one", "4",
                           "--seconds", "2", "--rate", "10", "--scalars", "4",
                           "--ranks-per-relay", str(ranks_per_relay), "--rank-kind", rank_kind,
+                          "--ranks-per-process", "2", "--steps-per-frame", str(steps_per_frame),
                           "--result", str(result)],
                          env=child_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -31,3 +32,5 @@ def test_scale_run_delivers_every_step(tmp_path, rank_kind, ranks_per_relay):
     assert not sum(record["ranks_dropped"].values()), record
     assert record["relays"] == (-(-4 // ranks_per_relay) if ranks_per_relay else 0)
     assert record["lag"]["n"] > 0
+    if rank_kind == "lean":  # one BATCH frame per steps_per_frame steps, the last one shorter
+        assert record["collector_batches"] == 4 * -(-20 // steps_per_frame), record
