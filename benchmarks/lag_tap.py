@@ -39,6 +39,23 @@ def install_tap() -> list[tuple[float, float]]:
     return samples
 
 
+def install_gc_watch() -> list[float]:
+    """Record the seconds of every collection of Python's cyclic garbage collector."""
+    import gc
+
+    pauses: list[float] = []
+    started = [0.0]
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif info.get("generation") == 2 or time.perf_counter() - started[0] > 0.005:
+            pauses.append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(watch)
+    return pauses
+
+
 def main(argv: list[str] | None = None) -> int:
     """Split off ``--lag-out PATH``, run the collector with the rest, save the samples."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -46,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     lag_out = Path(argv[index + 1])
     del argv[index:index + 2]
     samples = install_tap()  # the collector lifts its own open-file limit when it starts
+    pauses = install_gc_watch()
     from collector.cli import main as collector_main
 
     try:
@@ -54,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
 
         np.save(lag_out, np.array(samples, dtype=np.float64).reshape(-1, 2))
+        if pauses:
+            print(f"lag_tap: {len(pauses)} gc pauses, total {sum(pauses):.3f} s, "
+                  f"max {max(pauses) * 1e3:.1f} ms", file=sys.stderr)
 
 
 if __name__ == "__main__":

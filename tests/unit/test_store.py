@@ -319,3 +319,41 @@ def test_store_property(capacity, ops, seed, window):
     for sid in ids:
         assert_matches(store, ref, sid)
         assert_window_matches(store, ref, sid, window)
+
+
+def test_widening_uses_arrays_prepared_in_the_background():
+    """Half way to the current width, the next arrays are prepared on a background thread (their
+    first columns already touched); the widening then moves into exactly those arrays, and every
+    point, of series and rows created meanwhile too, survives."""
+    store, ref, ids = store_and_ref(10_000, 3)
+    store.append_block(ids, np.arange(129), np.ones((129, 3)))  # past half of the 256 slots
+    ref.append_block(ids, list(range(129)), np.ones((129, 3)).tolist())
+    store._spare._thread.join()
+    (shape, prepared) = store._spare._ready
+    assert shape == (64, 1024)
+    assert np.all(prepared.steps[:, :256] == 0)  # touched by the thread
+    values = np.arange(200 * 3, dtype=np.float64).reshape(200, 3)
+    store.append_block(ids, np.arange(129, 329), values)
+    ref.append_block(ids, list(range(129, 329)), values.tolist())
+    assert store._arrays.values is prepared.values
+    for sid in ids:
+        assert_matches(store, ref, sid)
+
+
+def test_a_spare_of_another_shape_is_not_used():
+    """Rows grown after the spare was prepared make it the wrong shape: a fresh allocation."""
+    store, ref = RingStore(capacity=10_000), RefStore(10_000)
+    sid = store.series_id("a", 0)
+    ref.add_series()
+    store.append_block([sid], np.arange(200), np.ones((200, 1)))
+    ref.append_block([sid], list(range(200)), np.ones((200, 1)).tolist())
+    store._spare._thread.join()
+    prepared = store._spare._ready[1]
+    for i in range(1, 100):  # past 64 rows: the rows double, the spare no longer fits
+        store.series_id(f"m{i}", 0)
+        ref.add_series()
+    store.append_block([sid], np.arange(200, 300), np.ones((100, 1)))
+    ref.append_block([sid], list(range(200, 300)), np.ones((100, 1)).tolist())
+    assert store._arrays.values is not prepared.values
+    assert store._arrays.values.shape == (128, 1024)
+    assert_matches(store, ref, sid)
