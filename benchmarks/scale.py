@@ -515,6 +515,15 @@ def markdown(results: dict[str, Any]) -> str:
               "ZeroMQ's proxy, a forked process listening on `ipc://`).\n")
 
 
+def _setting(record: dict[str, Any]) -> str:
+    """A plot label for how the ranks of ``record`` ran: client, steps per frame, relays."""
+    per_relay = record.get("ranks_per_relay", 0)
+    label = "lean" if record.get("rank_kind") == "lean" else "publisher"
+    if (record.get("steps_per_frame") or 1) > 1:
+        label += f", {record['steps_per_frame']} steps/frame"
+    return label + (f", {per_relay} per relay" if per_relay else ", direct")
+
+
 def _ranks_description(settings: dict[str, Any]) -> str:
     """How the simulated ranks were run, for the table's caption."""
     if settings.get("rank_kind") != "lean":
@@ -535,8 +544,8 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``scale_lag.png``: p99 and max log-to-store lag and the collector's CPU by rank count,
-    one line per setting (ranks straight to the collector, or K ranks per relay)."""
+    """``scale_lag.png``: p99 log-to-store lag and the collector's CPU by rank count, one
+    colour per setting (the ranks' client, steps per frame, straight or through relays)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -548,16 +557,13 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 5))
     cpu = ax.twinx()
     all_ranks = sorted({r["ranks"] for r in good})
-    for per_relay in sorted({r.get("ranks_per_relay", 0) for r in good}):
-        rows = sorted((r for r in good if r.get("ranks_per_relay", 0) == per_relay),
-                      key=lambda r: r["ranks"])
-        xs = [r["ranks"] for r in rows]
-        setting = f"{per_relay} ranks per relay" if per_relay else "direct"
-        for key, style in (("p99", "s-"), ("max", "^--")):
-            ax.plot(xs, [r["lag"][key] * 1e3 for r in rows], style,
-                    label=f"lag {key}, {setting}")
+    for index, setting in enumerate(sorted({_setting(r) for r in good})):
+        rows = sorted((r for r in good if _setting(r) == setting), key=lambda r: r["ranks"])
+        xs, color = [r["ranks"] for r in rows], f"C{index}"
+        ax.plot(xs, [r["lag"]["p99"] * 1e3 for r in rows], "s-", color=color,
+                label=f"lag p99, {setting}")
         cpu.plot(xs, [r.get("collector_cpu_percent", 0) for r in rows], ":", marker="x",
-                 label=f"collector CPU %, {setting} (right)")
+                 color=color, label=f"collector CPU %, {setting} (right)")
     ax.axhline(LAG_BUDGET_S * 1e3, color="red", linestyle=":", label="p99 budget 250 ms")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
