@@ -237,7 +237,8 @@ class RingStore:
         if sid == rows:
             self._reallocate(more_rows, width)
         elif 2 * sid >= rows and more_rows > rows:
-            self._spare.prepare(more_rows, width, width)
+            filled = int(self._live.counts.max()) if sid else 0
+            self._spare.prepare(more_rows, width, sid, filled)
         self._ids[(metric, rank)] = sid
         self._keys.append((metric, rank))
         self._live = self._arrays.rows(sid + 1)
@@ -252,7 +253,7 @@ class RingStore:
         if needed > width:
             self._reallocate(rows, self._next_width(width, needed))
         elif 2 * needed > width:
-            self._spare.prepare(rows, self._next_width(width, width + 1), width)
+            self._spare.prepare(rows, self._next_width(width, width + 1), len(self._keys), width)
 
     def _next_width(self, width: int, needed: int) -> int:
         wider = max(needed, _WIDTH_GROWTH * width)
@@ -294,36 +295,44 @@ class RingStore:
 class _SpareRings:
     """The store's next arrays, allocated and partly touched on a background thread before the
     receive loop needs them (see the module docstring). Only :meth:`prepare` and :meth:`take`
-    are called, both from the store's owner; the thread only fills arrays of its own."""
+    are called, both from the store's owner; each preparation's thread fills a holder of its
+    own, so a preparation given up on (another shape was needed) is simply dropped."""
 
     def __init__(self) -> None:
-        self._shape: tuple[int, int] | None = None
-        self._thread: threading.Thread | None = None
-        self._ready: tuple[tuple[int, int], _Rings] | None = None
+        self._current: _Preparation | None = None
 
-    def prepare(self, rows: int, width: int, touched_width: int) -> None:
-        """Start preparing ``rows`` × ``width`` arrays (once per shape), touching their first
-        ``touched_width`` columns: the ones the copy of the current rings will write."""
-        if self._shape == (rows, width):
+    def prepare(self, rows: int, width: int, touched_rows: int, touched_width: int) -> None:
+        """Start preparing ``rows`` × ``width`` arrays (once per shape), touching the block of
+        ``touched_rows`` × ``touched_width``: where the copy of the current rings will write."""
+        if self._current is not None and self._current.shape == (rows, width):
             return
-        self._shape, self._ready = (rows, width), None
-        self._thread = threading.Thread(target=self._fill, args=(rows, width, touched_width),
-                                        name="rlmon-store-grow", daemon=True)
-        self._thread.start()
+        self._current = _Preparation((rows, width), touched_rows, touched_width)
 
     def take(self, rows: int, width: int) -> _Rings | None:
-        """The prepared arrays if they have this shape (waiting for the thread), else None."""
-        if self._shape != (rows, width) or self._thread is None:
+        """The prepared arrays if they have this shape (waiting for their thread), else None.
+        Either way the preparation is over: nothing stays held."""
+        current, self._current = self._current, None
+        if current is None or current.shape != (rows, width):
             return None
-        self._thread.join()
-        ready, self._ready, self._shape, self._thread = self._ready, None, None, None
-        return ready[1] if ready is not None and ready[0] == (rows, width) else None
+        current.thread.join()
+        return current.rings
 
-    def _fill(self, rows: int, width: int, touched_width: int) -> None:
-        rings = _allocate(rows, width)
-        rings.values[:, :touched_width].fill(0.0)  # numpy releases the GIL for these
-        rings.steps[:, :touched_width].fill(0)
-        self._ready = ((rows, width), rings)
+
+class _Preparation:
+    """One background allocation of ``shape``: ``rings`` once ``thread`` has finished."""
+
+    def __init__(self, shape: tuple[int, int], touched_rows: int, touched_width: int) -> None:
+        self.shape = shape
+        self.rings: _Rings | None = None
+        self.thread = threading.Thread(target=self._fill, args=(touched_rows, touched_width),
+                                       name="rlmon-store-grow", daemon=True)
+        self.thread.start()
+
+    def _fill(self, touched_rows: int, touched_width: int) -> None:
+        rings = _allocate(*self.shape)
+        rings.values[:touched_rows, :touched_width].fill(0.0)  # numpy releases the GIL here
+        rings.steps[:touched_rows, :touched_width].fill(0)
+        self.rings = rings
 
 
 def _allocate(rows: int, width: int) -> _Rings:

@@ -328,10 +328,11 @@ def test_widening_uses_arrays_prepared_in_the_background():
     store, ref, ids = store_and_ref(10_000, 3)
     store.append_block(ids, np.arange(129), np.ones((129, 3)))  # past half of the 256 slots
     ref.append_block(ids, list(range(129)), np.ones((129, 3)).tolist())
-    store._spare._thread.join()
-    (shape, prepared) = store._spare._ready
-    assert shape == (64, 1024)
-    assert np.all(prepared.steps[:, :256] == 0)  # touched by the thread
+    preparation = store._spare._current
+    preparation.thread.join()
+    prepared = preparation.rings
+    assert preparation.shape == (64, 1024)
+    assert np.all(prepared.steps[:3, :256] == 0)  # touched by the thread where the copy writes
     values = np.arange(200 * 3, dtype=np.float64).reshape(200, 3)
     store.append_block(ids, np.arange(129, 329), values)
     ref.append_block(ids, list(range(129, 329)), values.tolist())
@@ -347,8 +348,8 @@ def test_a_spare_of_another_shape_is_not_used():
     ref.add_series()
     store.append_block([sid], np.arange(200), np.ones((200, 1)))
     ref.append_block([sid], list(range(200)), np.ones((200, 1)).tolist())
-    store._spare._thread.join()
-    prepared = store._spare._ready[1]
+    store._spare._current.thread.join()
+    prepared = store._spare._current.rings
     for i in range(1, 100):  # past 64 rows: the rows double, the spare no longer fits
         store.series_id(f"m{i}", 0)
         ref.add_series()
@@ -357,3 +358,15 @@ def test_a_spare_of_another_shape_is_not_used():
     assert store._arrays.values is not prepared.values
     assert store._arrays.values.shape == (128, 1024)
     assert_matches(store, ref, sid)
+
+
+def test_a_spare_given_up_on_is_not_kept():
+    """A widening straight to capacity (a block past the prepared width) drops the preparation:
+    nothing is held beside the store's own arrays."""
+    store = RingStore(capacity=10_000)
+    sid = store.series_id("a", 0)
+    store.append_block([sid], np.arange(200), np.ones((200, 1)))
+    assert store._spare._current is not None
+    store.append_block([sid], np.arange(200, 5200), np.ones((5000, 1)))
+    assert store._spare._current is None
+    assert store._arrays.values.shape == (64, 10_000)
