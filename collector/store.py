@@ -237,8 +237,10 @@ class RingStore:
         if sid == rows:
             self._reallocate(more_rows, width)
         elif 2 * sid >= rows and more_rows > rows:
+            # Touch every new row (series arrive in bursts: a job's first step creates them all)
+            # up to the filled width, at least the first width: 4 kB a row at most beyond it.
             filled = int(self._live.counts.max()) if sid else 0
-            self._spare.prepare(more_rows, width, sid, filled)
+            self._spare.prepare(more_rows, width, more_rows, min(width, max(filled, _FIRST_WIDTH)))
         self._ids[(metric, rank)] = sid
         self._keys.append((metric, rank))
         self._live = self._arrays.rows(sid + 1)
