@@ -82,11 +82,19 @@ class RingStore:
         self._keys: list[tuple[str, int]] = []
         rows, width = min(self._max_series, _FIRST_ROWS), min(self._capacity, _FIRST_WIDTH)
         self._arrays = _allocate(rows, width)
-        self._live = self._arrays.rows(0)
+        self._live_rings: _Rings | None = None
         self._spare = _SpareRings()
         self._one_id = np.zeros(1, np.int64)
         self._one_step = np.zeros(1, np.int64)
         self._one_value = np.zeros((1, 1), np.float64)
+
+    @property
+    def _live(self) -> _Rings:
+        """Views of the live series' rows (what the kernels get, so they reject other ids);
+        made again only after a series was created or the arrays moved."""
+        if self._live_rings is None:
+            self._live_rings = self._arrays.rows(len(self._keys))
+        return self._live_rings
 
     @property
     def capacity(self) -> int:
@@ -239,11 +247,13 @@ class RingStore:
         elif 2 * sid >= rows and more_rows > rows:
             # Touch every new row (series arrive in bursts: a job's first step creates them all)
             # up to the filled width, at least the first width: 4 kB a row at most beyond it.
-            filled = int(self._live.counts.max()) if sid else 0
-            self._spare.prepare(more_rows, width, more_rows, min(width, max(filled, _FIRST_WIDTH)))
+            if not self._spare.preparing(more_rows, width):
+                filled = int(self._live.counts.max()) if sid else 0
+                self._spare.prepare(more_rows, width, more_rows,
+                                    min(width, max(filled, _FIRST_WIDTH)))
         self._ids[(metric, rank)] = sid
         self._keys.append((metric, rank))
-        self._live = self._arrays.rows(sid + 1)
+        self._live_rings = None  # one more live row: the views are made again when next used
         return sid
 
     def _fit_width(self, needed: int) -> None:
@@ -278,7 +288,7 @@ class RingStore:
         if width != old.values.shape[1]:
             new.heads[:live] = old.counts
         self._arrays = new
-        self._live = new.rows(live)
+        self._live_rings = None
 
     def _raise_bad_id(self, sid: int, column: int) -> None:
         """Raise the error for the id the block kernel rejected (unknown or repeated)."""
@@ -309,6 +319,10 @@ class _SpareRings:
         if self._current is not None and self._current.shape == (rows, width):
             return
         self._current = _Preparation((rows, width), touched_rows, touched_width)
+
+    def preparing(self, rows: int, width: int) -> bool:
+        """True when arrays of this shape are being (or were) prepared."""
+        return self._current is not None and self._current.shape == (rows, width)
 
     def take(self, rows: int, width: int) -> _Rings | None:
         """The prepared arrays if they have this shape (waiting for their thread), else None.
