@@ -40,6 +40,11 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import zmq  # noqa: E402
+
+from rlmon import wire  # noqa: E402
+from rlmon.wire import Kind  # noqa: E402
+
 from benchmarks.common import (REPO, by_label, child_env, cpu_seconds, fmt, fork_call,  # noqa: E402
                                int_list, percentiles, pss_bytes, reap, resolve, rss_bytes,
                                run_json_command, sample_sum, scrape, sleep_until, standalone,
@@ -96,7 +101,8 @@ def run(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
                        "--steps-per-frame", str(args.steps_per_frame),
                        "--result", str(result_path)]
             via = f", {per_relay} per relay" if per_relay else ""
-            print(f"  scale: {ranks} ranks{via} for {args.seconds:g} s", file=sys.stderr, flush=True)
+            print(f"  scale: {ranks} ranks{via} for {args.seconds:g} s", file=sys.stderr,
+                  flush=True)
             outcome = run_json_command(command, timeout=args.seconds * 4 + 300 + ranks * 0.2)
             record = _load(result_path, outcome)
             record.update(ranks=ranks, round=round_index)
@@ -120,7 +126,6 @@ def measure_one(ranks: int, seconds: float, rate: float, scalars: int, flush: fl
     """Collector, the relays (if any), ``ranks`` forked ranks, the measured window, the
     ledgers; the record."""
     import rlmon  # noqa: F401  (imported before the fork: the ranks share these pages)
-    import zmq  # noqa: F401
 
     with tempfile.TemporaryDirectory(prefix="rlmon-scale-") as tmp:
         tmp_path = Path(tmp)
@@ -212,13 +217,17 @@ def stop_relays(pids: list[int]) -> float:
     return reap(pids, timeout=30)[0]
 
 
+def endpoint_of(rank: int, plan: dict) -> str:
+    """Where ``rank`` connects: its group's relay when there are relays, else the collector."""
+    relays = plan["relays"]
+    return relays[rank // plan["ranks_per_relay"]] if relays else plan["endpoint"]
+
+
 def rank_main(rank: int, plan: dict) -> int:
     """A simulated rank (in a forked child): rlmon's real publisher, the shared schedule; behind
     its group's relay when there are relays."""
-    relays, per_relay = plan["relays"], plan["ranks_per_relay"]
-    endpoint = relays[rank // per_relay] if relays else plan["endpoint"]
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % 8), WORLD_SIZE=str(plan["world"]),
-                      RLMON_ENDPOINT=endpoint, RLMON_RUN_ID=plan["run_id"],
+                      RLMON_ENDPOINT=endpoint_of(rank, plan), RLMON_RUN_ID=plan["run_id"],
                       RLMON_FLUSH_INTERVAL=str(plan["flush"]))
     import rlmon
 
@@ -247,15 +256,14 @@ def lean_ranks_main(first: int, count: int, plan: dict) -> int:
     collector sees the frames a publisher sends at one step per batch, at a fraction of the
     host's CPU, so more ranks fit on one host. With ``count`` > 1 the process's ranks share its
     ZeroMQ I/O thread (``--ranks-per-process``)."""
-    import zmq
-
     context = zmq.Context(io_threads=1)
     context.setsockopt(zmq.MAX_SOCKETS, count + 64)
     ranks = [LeanRank(context, rank, plan) for rank in range(first, first + count)]
+    by_socket = {rank.sock: rank for rank in ranks}
     poller = zmq.Poller()
     for rank in ranks:
         poller.register(rank.sock, zmq.POLLIN)
-    t0, period = plan["t0"], plan["period"]
+    t0, period, per_frame = plan["t0"], plan["period"], plan["steps_per_frame"]
     for step in range(plan["steps"]):
         delay = t0 + step * period - time.time()
         if delay > 0:
@@ -263,19 +271,18 @@ def lean_ranks_main(first: int, count: int, plan: dict) -> int:
         else:
             for rank in ranks:
                 rank.late, rank.worst = rank.late + 1, max(rank.worst, -delay)
-        per_frame = plan["steps_per_frame"]
         if (step + 1) % per_frame == 0 or step == plan["steps"] - 1:
-            first = step - step % per_frame
+            oldest = step - step % per_frame
             for rank in ranks:
-                rank.send_steps(first, step, t0, period)
+                rank.send_steps(oldest, step, t0, period)
         for sock, _ in poller.poll(0):
-            LeanRank.by_socket[sock].read_acks()
+            by_socket[sock].read_acks()
     for rank in ranks:
         rank.say_bye(plan["steps"] - 1)
     deadline = time.monotonic() + 30
     while any(not rank.bye for rank in ranks) and time.monotonic() < deadline:
         for sock, _ in poller.poll(200):
-            LeanRank.by_socket[sock].read_acks()
+            by_socket[sock].read_acks()
     for rank in ranks:
         rank.write_ledger(plan)
         rank.sock.close(linger=0)
@@ -286,33 +293,22 @@ def lean_ranks_main(first: int, count: int, plan: dict) -> int:
 class LeanRank:
     """One lean simulated rank: its socket, its seq, what the collector acknowledged."""
 
-    by_socket: dict[Any, "LeanRank"] = {}
-
-    def __init__(self, context: Any, rank: int, plan: dict) -> None:
-        import zmq
-
-        from rlmon import wire
-        from rlmon.wire import Kind
-
-        self.wire, self.kind, self.rank = wire, Kind, rank
+    def __init__(self, context: zmq.Context, rank: int, plan: dict) -> None:
+        self.rank = rank
         self.run, self.inc = plan["run_id"], (rank * 7919 + 1) & 0x7FFFFFFF
         self.names = list(SCALE_NAMES[-plan["scalars"]:])
-        relays, per_relay = plan["relays"], plan["ranks_per_relay"]
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 1000)
-        self.sock.connect(relays[rank // per_relay] if relays else plan["endpoint"])
-        LeanRank.by_socket[self.sock] = self
+        self.sock.connect(endpoint_of(rank, plan))
         self.seq = self.acked_seq = self.dropped = self.late = 0
         self.worst, self.bye = 0.0, False
         self.send(Kind.HELLO, world=plan["world"], local_rank=rank % 8, pid=os.getpid(),
                   host="sim", t=time.time())
 
-    def send(self, kind: Any, **fields: Any) -> None:
+    def send(self, kind: Kind, **fields: Any) -> None:
         """Encode and send without blocking; a refused frame is counted."""
-        import zmq
-
-        frame = self.wire.encode(self.wire.envelope(kind, self.run, self.rank, self.inc, **fields))
+        frame = wire.encode(wire.envelope(kind, self.run, self.rank, self.inc, **fields))
         try:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
@@ -327,30 +323,28 @@ class LeanRank:
         rows = [[0.01 + 1e-4 * ((step * 7 + k) % 13) for k in range(len(self.names))]
                 for step in steps]
         self.seq += 1
-        self.send(self.kind.BATCH, seq=self.seq, t=now, step=last,
-                  blocks=[self.wire.pack_block(self.names, steps, times, rows)])
+        self.send(Kind.BATCH, seq=self.seq, t=now, step=last,
+                  blocks=[wire.pack_block(self.names, steps, times, rows)])
 
     def read_acks(self) -> None:
         """Take every reply waiting on the socket."""
-        import zmq
-
         while True:
             try:
-                reply = self.wire.decode(self.sock.recv(zmq.NOBLOCK))
+                reply = wire.decode(self.sock.recv(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            if reply.kind is self.kind.ACK:
+            if reply.kind is Kind.ACK:
                 self.acked_seq = max(self.acked_seq, reply.fields["seq"])
                 self.bye = self.bye or bool(reply.fields.get("bye"))
 
     def say_bye(self, last_step: int) -> None:
         """BYE with the last seq sent."""
-        self.send(self.kind.BYE, seq=self.seq, step=last_step)
+        self.send(Kind.BYE, seq=self.seq, step=last_step)
 
     def write_ledger(self, plan: dict) -> None:
         """The same per-rank JSON as :func:`rank_main` writes."""
         steps = plan["steps"]
-        acked = min(steps, self.acked_seq)
+        acked = min(steps, self.acked_seq * plan["steps_per_frame"])  # a frame holds S steps
         stats = {"emitted": steps, "acked": acked,
                  "dropped": {"queue_full": self.dropped} if self.dropped else {},
                  "unacked": steps - acked, "seq": self.seq, "acked_seq": self.acked_seq,

@@ -363,11 +363,9 @@ class CollectorService:
         if message.kind in (Kind.BATCH, Kind.HELLO, Kind.BYE) and self._event_log is not None:
             self._event_log.append(frame)
         try:
-            answers = self.state.handle(message, identity, now)
+            replies.extend(self.state.handle(message, identity, now))
             if message.kind is Kind.BYE:  # its ACK vouches for the batches: only after the commit
                 acks[identity] = (message.rank, message.inc, True)
-                answers = [a for a in answers if a.fields.get("k") != int(Kind.ACK)]
-            replies.extend(answers)
         except Exception:  # a bug must cost one frame, never the collector
             self.state.reject("internal_error")
             log.exception("internal error while handling a %s frame", message.kind.name)

@@ -170,13 +170,12 @@ class CollectorState:
         return []
 
     def _on_bye(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
+        """Close the incarnation. Its ACK (``bye``) vouches for every batch, so the receive loop
+        sends it with :meth:`ack` only after the group commit."""
         info = self._touch(message, identity, now)
         self._read_ledger(info, message.fields.get("ledger"))
         info.disconnect(message.inc)
-        if identity is None:
-            return []
-        seq = info.acknowledged(message.inc)
-        return [Reply(identity, self._reply(Kind.ACK, seq=seq, bye=True))]
+        return []
 
     def _on_stop_ack(self, message: Message, identity: Route | None, now: float) -> list[Reply]:
         info = self._touch(message, identity, now)

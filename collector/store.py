@@ -15,7 +15,8 @@ Widening copies every series into new arrays, and the first write to fresh memor
 (page faults: 1.4 s for 276 MB on the development VM, against 77 ms into memory already touched).
 So once a series is half way to the current width (or the rows are half used), a background
 thread (:class:`_SpareRings`) allocates the next arrays and touches the part the copy will write,
-with the GIL released; the receive loop then only copies. The rest of the new arrays is touched as the rings fill, as before.
+with the GIL released; the receive loop then only copies. The rest of the new arrays is touched
+as the rings fill, as before.
 
 Errors: :class:`SeriesLimitError` when a new series would pass ``max_series``; ``IndexError`` for
 an unknown series id; ``TypeError``/``ValueError`` for arrays of the wrong kind or shape.
@@ -186,9 +187,9 @@ class RingStore:
         rings = self._arrays
         live = len(self._keys)
         counts = rings.counts[:live]
-        slots = (rings.heads[:live].astype(np.int64) - 1) % rings.values.shape[1]
+        slots = (rings.heads[:live] - 1) % rings.values.shape[1]
         rows = np.arange(live)
-        steps = np.where(counts > 0, rings.steps[rows, slots], -1).astype(np.int64)
+        steps = np.where(counts > 0, rings.steps[rows, slots], -1)
         values = np.where(counts > 0, rings.values[rows, slots], np.nan)
         return steps, values
 
@@ -316,9 +317,8 @@ class _SpareRings:
     def prepare(self, rows: int, width: int, touched_rows: int, touched_width: int) -> None:
         """Start preparing ``rows`` × ``width`` arrays (once per shape), touching the block of
         ``touched_rows`` × ``touched_width``: where the copy of the current rings will write."""
-        if self._current is not None and self._current.shape == (rows, width):
-            return
-        self._current = _Preparation((rows, width), touched_rows, touched_width)
+        if not self.preparing(rows, width):
+            self._current = _Preparation((rows, width), touched_rows, touched_width)
 
     def preparing(self, rows: int, width: int) -> bool:
         """True when arrays of this shape are being (or were) prepared."""

@@ -19,9 +19,11 @@ batches (``send_hwm``, then the re-send buffer), exactly as with the collector u
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -30,9 +32,11 @@ from pathlib import Path
 
 import zmq
 
+from exporters.atomic import atomic_write_text
 from rlmon import wire
 from rlmon.errors import ConfigError
-from rlmon.keys import ClientKeys, check_libzmq
+from rlmon.keys import ClientKeys, check_libzmq, client_keys_from_env
+from rlmon.launch import run_command
 
 log = logging.getLogger("rlmon.relay")
 
@@ -202,13 +206,6 @@ def run_relay(collector_endpoint: str | None, bind: str, command: list[str],
     CURVE keys of ``RLMON_CURVE_*`` for the link to the collector. With ``command``, run it with
     ``RLMON_ENDPOINT`` set to the relay (and the CURVE variables removed: the ranks' link to the
     relay is local) and return its exit code; without, serve until SIGINT/SIGTERM."""
-    import json
-    import signal
-
-    from exporters.atomic import atomic_write_text
-    from rlmon.keys import client_keys_from_env
-    from rlmon.launch import run_command
-
     endpoint = collector_endpoint or os.environ.get("RLMON_ENDPOINT", "")
     if not endpoint:
         raise ConfigError("--collector", "give the collector's address (or set RLMON_ENDPOINT)")

@@ -152,13 +152,15 @@ def test_out_of_range_ranks_are_refused():
     assert state.rejected_by_reason["bad_rank"] == 2
 
 
-def test_bye_is_acknowledged_and_closes_the_rank():
-    """BYE marks the rank closed and answers with an ACK flagged bye."""
+def test_bye_closes_the_rank_and_its_ack_is_flagged_bye():
+    """BYE marks the rank closed and answers nothing itself: the receive loop sends the ACK
+    flagged bye (``ack(..., bye=True)``) after the group commit, with every batch held."""
     state = _state(world=1)
     state.handle(_batch(0, 1, [0], {"a": [1.0]}), b"id0", 0.0)
-    replies = state.handle(_msg(Kind.BYE, 0, seq=1, step=0), b"id0", 0.0)
-    assert replies[0].fields["k"] == Kind.ACK and replies[0].fields["bye"] is True
+    assert state.handle(_msg(Kind.BYE, 0, seq=1, step=0), b"id0", 0.0) == []
     assert state.ranks.get(0).closed and state.ranks.live() == []
+    ack = state.ack(b"id0", 0, _batch(0, 1, [0], {"a": [1.0]}).inc, bye=True)
+    assert ack.fields["k"] == Kind.ACK and ack.fields["bye"] is True and ack.fields["seq"] == 1
 
 
 def test_a_silent_rank_does_not_stall_aggregates():
